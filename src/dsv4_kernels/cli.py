@@ -1,0 +1,125 @@
+"""The `dsv4k` command: info, check, codegen."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+
+from dsv4_kernels import __version__, dispatch, platform, toolchains
+
+BACKEND_CHOICES = ("cuda", "rocm", "ascend")
+
+
+def cmd_info(args) -> int:
+    from dsv4_kernels.backends import all_backends
+    import torch
+    dev = platform.machine_device()
+    print(f"dsv4-kernels {__version__}")
+    print(f"torch {torch.__version__} (cuda {torch.version.cuda}, hip {getattr(torch.version, 'hip', None)})")
+    for dist in ("triton", "tilelang", "apache-tvm-ffi", "torch_npu"):
+        print(f"{dist:<15} {toolchains.version(dist) or 'not installed'}")
+    print(f"triton interpreter: {'on' if toolchains.interpreter_active() else 'off'}")
+    print(f"device: {dev.backend} {dev.arch} {dev.name} (fp8 {dev.fp8_encoding})")
+    for b in all_backends():
+        absent = b.device_present()
+        print(f"backend {b.name:<7} device: {'present' if absent is None else absent}; "
+              f"targets: {', '.join(t.name for t in b.targets)}")
+    print(f"DSV4K_IMPL: {dispatch.env_choices() or 'unset'}; DSV4K_STRICT: {'on' if dispatch.strict() else 'off'}")
+    print("ops: " + ", ".join(f"{op} [{', '.join(i.name for i in dispatch.implementations(op))}]" for op in dispatch.ops()))
+    return 0
+
+
+def _table(records) -> str:
+    rank = {lvl: i for i, lvl in enumerate(("cpu-numerics", "codegen", "device-numerics", "device-perf"))}
+    rows = {}
+    for r in records:
+        key = (r.op, r.impl, r.language, r.backend)
+        row = rows.setdefault(key, {"best": "-", "fails": [], "skips": [], "targets": set()})
+        if r.status == "pass":
+            row["targets"].add(r.target)
+            if row["best"] == "-" or rank[r.level] > rank[row["best"]]:
+                row["best"] = r.level
+        elif r.status == "fail":
+            row["fails"].append(f"{r.level}/{r.target}: {r.reason}")
+        else:
+            row["skips"].append(f"{r.level}: {r.reason}")
+    head = f"{'op':<14} {'impl':<16} {'language':<9} {'backend':<7} {'highest level':<16} notes"
+    lines = [head, "-" * len(head)]
+    for (op, impl, lang, backend), row in sorted(rows.items()):
+        if row["fails"]:
+            note = "FAIL " + " | ".join(row["fails"])
+        else:
+            passed = f"passed on {', '.join(sorted(row['targets']))}" if row["targets"] else ""
+            skipped = row["skips"][0] if row["skips"] else ""
+            note = "; ".join(x for x in (passed, "next: " + skipped if skipped else "") if x)
+        lines.append(f"{op:<14} {impl:<16} {lang:<9} {backend:<7} {row['best']:<16} {note}")
+    return "\n".join(lines)
+
+
+def cmd_check(args) -> int:
+    from dsv4_kernels import ladder
+    backends = tuple(args.backend) if args.backend else BACKEND_CHOICES
+    records = ladder.run(backends)
+    if args.op:
+        records = [r for r in records if r.op in args.op]
+    if args.json:
+        for r in records:
+            print(json.dumps(asdict(r)))
+    else:
+        print(_table(records))
+        counts = {s: sum(r.status == s for r in records) for s in ("pass", "fail", "skip")}
+        print(f"\n{counts['pass']} passed, {counts['fail']} failed, {counts['skip']} skipped "
+              f"({len(records)} checks over levels {', '.join(ladder.LEVELS)})")
+    return 1 if any(r.status == "fail" for r in records) else 0
+
+
+def cmd_codegen(args) -> int:
+    from dsv4_kernels.codegen import compile_many
+    result = compile_many([{"op": args.op, "impl": args.impl, "target": args.target}])[0]
+    if not result["ok"]:
+        print(f"dsv4k codegen: {result['error']}", file=sys.stderr)
+        return 1
+    arts = result["artifacts"]
+    text = "\n".join(f"// ===== {a['op']}/{a['impl']} {a['label']} for {a['target']} ({a['kind']}); "
+                     f"resources: {json.dumps(a['resources'])}\n{a['text']}" for a in arts)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text)
+        print(f"wrote {len(arts)} kernel(s) to {args.output}")
+    else:
+        print(text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dsv4k", description="DeepSeek-V4 kernels: inspect, verify, compile.")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="backends present, toolchains and versions, device").set_defaults(fn=cmd_info)
+    c = sub.add_parser("check", help="the verification ladder for every op and implementation on this machine")
+    c.add_argument("--json", action="store_true", help="one JSON record per (op, impl, backend, target, level)")
+    c.add_argument("--backend", action="append", choices=BACKEND_CHOICES, help="limit codegen/device levels")
+    c.add_argument("--op", action="append", help="only these ops")
+    c.set_defaults(fn=cmd_check)
+    g = sub.add_parser("codegen", help="print or write the generated source of one implementation for a target")
+    g.add_argument("op")
+    g.add_argument("--impl", required=True)
+    g.add_argument("--target", required=True, help="sm_90a, sm_100a, gfx942, gfx950, ascend950")
+    g.add_argument("-o", "--output", help="write to this file instead of stdout")
+    g.set_defaults(fn=cmd_codegen)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, dispatch.ImplementationUnavailable) as exc:
+        print(f"dsv4k {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # output piped into head and the like
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,279 @@
+"""Registry of implementations per op, run-time selection, `explain()`, and strict mode.
+
+Selection order for one call:
+  1. the `impl=` argument of the op;
+  2. the `DSV4K_IMPL` environment variable, e.g. `sparse_mqa=triton,mhc_pre=tilelang`;
+  3. the tuned table of the device's arch (`backends/<name>/tuned/<arch>.json`, key "dispatch");
+  4. priority (highest first).
+A choice by name (1 or 2) that cannot run raises `ImplementationUnavailable` with the reason. Automatic
+selection (3, 4) takes the first candidate that serves the device's backend, is available and supports
+the arguments. It is a fallback when a better-ranked candidate that could run on this backend declined
+the arguments, or when the reference is chosen for a GPU/NPU tensor: a fallback is logged once per
+reason, and `DSV4K_STRICT=1` turns it into `FallbackError`.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from dsv4_kernels import platform
+
+log = logging.getLogger("dsv4_kernels")
+
+LANGUAGES = ("reference", "triton", "tilelang")
+
+
+class ImplementationUnavailable(RuntimeError):
+    """An implementation asked for by name cannot run, or no implementation can run these arguments."""
+
+
+class FallbackError(RuntimeError):
+    """Strict mode (DSV4K_STRICT=1): automatic selection would have fallen back."""
+
+
+def _resolve(entry: str) -> Callable:
+    module, _, attr = entry.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _always(*_args, **_kwargs) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """One implementation of one op.
+
+    entry / codegen: "module:function" strings, imported on first use so that registering an op never
+    imports triton or tilelang. `available(backend)` returns None or the reason the implementation
+    cannot run on that backend here (toolchain missing, interpreter off); `supports(*args, **kwargs)`
+    returns None or the reason it refuses these arguments (shape, dtype, head count). `codegen(target)`
+    returns the kernel specs to compile for a `dsv4_kernels.backends.Target` (see codegen.py).
+    """
+
+    op: str
+    name: str
+    language: str
+    backends: tuple[str, ...]
+    entry: str
+    priority: int = 0
+    available: Callable[[str], str | None] = _always
+    supports: Callable[..., str | None] = _always
+    codegen: str | None = None
+    defaults: dict = field(default_factory=dict)
+
+    def serves(self, backend: str) -> bool:
+        return backend in self.backends
+
+    def why_not(self, backend: str, args: tuple, kwargs: dict) -> tuple[str, str | None]:
+        """(stage, reason): stage is "backend", "available", "supports" or "ok" (reason None)."""
+        if not self.serves(backend):
+            return "backend", f"does not serve {backend} (serves {', '.join(self.backends)})"
+        reason = self.available(backend)
+        if reason:
+            return "available", reason
+        reason = self.supports(*args, **kwargs)
+        if reason:
+            return "supports", reason
+        return "ok", None
+
+    def __call__(self, *args, **kwargs):
+        return _resolve(self.entry)(*args, **kwargs)
+
+    def codegen_specs(self, target) -> list:
+        if self.codegen is None:
+            return []
+        return _resolve(self.codegen)(target)
+
+
+_REGISTRY: dict[str, dict[str, Implementation]] = {}
+
+
+def register(impl: Implementation) -> Implementation:
+    if impl.language not in LANGUAGES:
+        raise ValueError(f"{impl.op}/{impl.name}: language {impl.language!r} is not one of {LANGUAGES}")
+    bad = set(impl.backends) - set(platform.BACKENDS)
+    if bad:
+        raise ValueError(f"{impl.op}/{impl.name}: unknown backends {sorted(bad)}; expected {platform.BACKENDS}")
+    impls = _REGISTRY.setdefault(impl.op, {})
+    if impl.name in impls:
+        raise ValueError(f"{impl.op}: implementation {impl.name!r} is registered twice")
+    impls[impl.name] = impl
+    return impl
+
+
+def ops() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def implementations(op: str) -> list[Implementation]:
+    """The implementations of `op`, highest priority first."""
+    if op not in _REGISTRY:
+        raise ValueError(f"unknown op {op!r}; expected one of {', '.join(ops())}")
+    return sorted(_REGISTRY[op].values(), key=lambda i: -i.priority)
+
+
+def get(op: str, name: str) -> Implementation:
+    impls = {i.name: i for i in implementations(op)}
+    if name not in impls:
+        raise ValueError(f"op {op!r} has no implementation {name!r}; expected one of {', '.join(impls)}")
+    return impls[name]
+
+
+def env_choices() -> dict[str, str]:
+    """Parse DSV4K_IMPL ("op=impl,op=impl"); a malformed entry, unknown op or unknown impl raises ValueError."""
+    raw = os.environ.get("DSV4K_IMPL", "").strip()
+    choices: dict[str, str] = {}
+    if not raw:
+        return choices
+    for item in raw.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        op, sep, name = (s.strip() for s in item.partition("="))
+        if not sep or not op or not name:
+            raise ValueError(f"DSV4K_IMPL entry {item!r} is malformed; expected OP=IMPL, e.g. sparse_mqa=triton")
+        get(op, name)  # raises with the expected names
+        choices[op] = name
+    return choices
+
+
+def strict() -> bool:
+    return os.environ.get("DSV4K_STRICT", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    impl: Implementation
+    stage: str          # "ok", "backend", "available", "supports", or "not evaluated"
+    reason: str | None
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The outcome of one selection: which implementation runs, why, and why the others do not."""
+
+    op: str
+    device: platform.DeviceInfo
+    chosen: Implementation
+    source: str                      # "argument", "DSV4K_IMPL", "tuned", "priority"
+    candidates: tuple[Candidate, ...]
+    fallback_reason: str | None = None
+
+    def __str__(self) -> str:
+        lines = [f"{self.op} on {self.device.backend} ({self.device.arch}): {self.chosen.name} "
+                 f"[{self.chosen.language}] chosen by {self.source}"]
+        if self.fallback_reason:
+            lines.append(f"  fallback: {self.fallback_reason}")
+        for c in self.candidates:
+            mark = "*" if c.impl is self.chosen else " "
+            lines.append(f" {mark} {c.impl.name:<18} {c.impl.language:<9} "
+                         f"{'ok' if c.stage == 'ok' else c.stage + ': ' + str(c.reason)}")
+        return "\n".join(lines)
+
+
+def _device_of(args: tuple, kwargs: dict) -> torch.device:
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            return a.device
+    raise ValueError("cannot dispatch: no tensor argument to take the device from")
+
+
+def _ranked(op: str, device: platform.DeviceInfo) -> tuple[list[Implementation], str]:
+    impls = implementations(op)
+    if device.backend != "cpu":
+        from dsv4_kernels.backends import get_backend
+        preferred = get_backend(device.backend).tuned(device.arch).get("dispatch", {}).get(op)
+        if preferred is not None:
+            first = get(op, preferred)
+            return [first] + [i for i in impls if i is not first], "tuned"
+    return impls, "priority"
+
+
+_warned: set[tuple] = set()
+
+
+def _warn_once(key: tuple, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(message)
+
+
+def select(op: str, args: tuple, kwargs: dict | None = None, impl: str | None = None,
+           evaluate_all: bool = False, report_fallback: bool = True) -> Decision:
+    """Choose the implementation of `op` for these arguments (the order is in the module docstring).
+
+    evaluate_all: also ask every candidate after the chosen one why it would not run (for explain()).
+    report_fallback: log a fallback (once) or, under DSV4K_STRICT=1, raise FallbackError; explain() only
+        describes it in the Decision.
+    """
+    kwargs = kwargs or {}
+    device = platform.device_info(_device_of(args, kwargs))
+    named, source = (impl, "argument") if impl else (env_choices().get(op), "DSV4K_IMPL")
+    if named:
+        chosen = get(op, named)
+        stage, reason = chosen.why_not(device.backend, args, kwargs)
+        if reason:
+            raise ImplementationUnavailable(
+                f"{op}: implementation {named!r} was requested by {source} but cannot run on "
+                f"{device.backend} ({device.arch}): {reason}")
+        return Decision(op, device, chosen, source, (Candidate(chosen, "ok", None),))
+
+    ranked, source = _ranked(op, device)
+    candidates: list[Candidate] = []
+    chosen = None
+    declined_ahead: list[Candidate] = []
+    for cand in ranked:
+        if chosen is not None and not evaluate_all:
+            break
+        stage, reason = cand.why_not(device.backend, args, kwargs)
+        candidates.append(Candidate(cand, stage, reason))
+        if chosen is None:
+            if stage == "ok":
+                chosen = cand
+            elif stage == "supports":
+                declined_ahead.append(candidates[-1])
+    if chosen is None:
+        detail = "; ".join(f"{c.impl.name}: {c.reason}" for c in candidates)
+        raise ImplementationUnavailable(f"{op}: no implementation can run on {device.backend} "
+                                        f"({device.arch}) with these arguments: {detail}")
+    fallback = None
+    if declined_ahead:
+        fallback = "; ".join(f"{c.impl.name} declined: {c.reason}" for c in declined_ahead)
+    if chosen.language == "reference" and device.backend != "cpu":
+        fallback = (fallback + "; " if fallback else "") + f"the PyTorch reference runs on a {device.backend} device"
+    if fallback and report_fallback:
+        message = f"{op}: falling back to {chosen.name!r} on {device.backend} ({device.arch}): {fallback}"
+        if strict():
+            raise FallbackError(message + " (DSV4K_STRICT=1)")
+        _warn_once((op, chosen.name, device.arch, fallback), message)
+    return Decision(op, device, chosen, source, tuple(candidates), fallback)
+
+
+def call(op: str, *args, impl: str | None = None, **kwargs):
+    """Select and run: the body every public op's torch.library implementation calls."""
+    return select(op, args, kwargs, impl=impl).chosen(*args, **kwargs)
+
+
+def explain(op: str, *args, impl: str | None = None, **kwargs) -> Decision:
+    """The decision for `op` on these arguments with every candidate's reason; nothing is run.
+
+    Strict mode does not raise here: explain() reports what a call would do, including a fallback.
+    """
+    return select(op, args, kwargs, impl=impl, evaluate_all=True, report_fallback=False)
+
+
+def config(impl: Implementation, device: platform.DeviceInfo) -> dict[str, Any]:
+    """Compile-time parameters for `impl` on `device`: its registered defaults, overridden by the tuned
+    table of the device's arch (`configs["op/impl"]`)."""
+    cfg = dict(impl.defaults)
+    if device.backend != "cpu":
+        from dsv4_kernels.backends import get_backend
+        tuned = get_backend(device.backend).tuned(device.arch).get("configs", {})
+        cfg.update(tuned.get(f"{impl.op}/{impl.name}", {}))
+    return cfg

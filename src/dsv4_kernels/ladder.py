@@ -1,0 +1,222 @@
+"""The verification ladder behind `dsv4k check`: per (op, impl, backend, target), the levels
+cpu-numerics -> codegen -> device-numerics -> device-perf, each with status pass / fail / skip and a reason.
+
+- cpu-numerics: the implementation on CPU tensors (Triton through its interpreter, in a subprocess with
+  TRITON_INTERPRET=1) against the reference on the op's sample cases; the reference itself against the
+  op's independent fp64 oracle.
+- codegen: the implementation compiled for each target of its backends (codegen.py).
+- device-numerics: the sample cases on the backend's device against the reference on the CPU.
+- device-perf: a benchmark result for this chip recorded under bench/results/.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from dsv4_kernels import dispatch, platform
+
+LEVELS = ("cpu-numerics", "codegen", "device-numerics", "device-perf")
+
+
+@dataclass(frozen=True)
+class OpCheck:
+    """How the ladder checks one op: sample cases on a device, the comparison, and for the reference
+    an independent oracle (a differently written fp64 formula), or None when the op has none."""
+
+    op: str
+    cases: Callable[[torch.device], list[tuple[str, tuple, dict]]]
+    compare: Callable[[torch.Tensor, torch.Tensor], None]
+    oracle: Callable | None = None
+
+
+_CHECKS: dict[str, OpCheck] = {}
+
+
+def register_check(check: OpCheck) -> None:
+    _CHECKS[check.op] = check
+
+
+def get_check(op: str) -> OpCheck:
+    if op not in _CHECKS:
+        raise ValueError(f"op {op!r} registered no OpCheck; expected one of {', '.join(sorted(_CHECKS))}")
+    return _CHECKS[op]
+
+
+@dataclass
+class Record:
+    op: str
+    impl: str
+    language: str
+    backend: str
+    target: str
+    level: str
+    status: str   # "pass", "fail", "skip"
+    reason: str
+
+
+def _outputs(x) -> tuple:
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def _to(x, device):
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to(v, device) for v in x)
+    return x
+
+
+def run_cases(op: str, impl_name: str, device: torch.device) -> str:
+    """Run the op's sample cases with one implementation on `device`; raises AssertionError on a mismatch.
+    Returns a short summary of what ran."""
+    check = get_check(op)
+    impl = dispatch.get(op, impl_name)
+    torch.manual_seed(0)
+    labels = []
+    for label, args, kwargs in check.cases(device):
+        out = _outputs(dispatch.call(op, *args, impl=impl_name, **kwargs))
+        cpu_args, cpu_kwargs = _to(args, "cpu"), _to(kwargs, "cpu")
+        if impl.language == "reference" and device.type == "cpu":
+            if check.oracle is None:
+                raise LookupError("no independent oracle is registered for this op")
+            expected = _outputs(check.oracle(*cpu_args, **cpu_kwargs))
+        else:
+            expected = _outputs(dispatch.get(op, "reference")(*cpu_args, **cpu_kwargs))
+        for i, (o, e) in enumerate(zip(out, expected)):
+            try:
+                check.compare(o.cpu(), e)
+            except AssertionError as exc:
+                raise AssertionError(f"case {label}, output {i}: {exc}") from None
+        labels.append(label)
+    return f"{len(labels)} cases match: {', '.join(labels)}"
+
+
+def cpu_numerics() -> list[Record]:
+    """cpu-numerics records of every (op, impl) that serves the CPU, in this process."""
+    records = []
+    for op in dispatch.ops():
+        for impl in dispatch.implementations(op):
+            if not impl.serves("cpu"):
+                continue
+            rec = Record(op, impl.name, impl.language, "cpu", "cpu", "cpu-numerics", "pass", "")
+            reason = impl.available("cpu")
+            if reason:
+                rec.status, rec.reason = "skip", reason
+            else:
+                try:
+                    rec.reason = run_cases(op, impl.name, torch.device("cpu"))
+                except LookupError as exc:
+                    rec.status, rec.reason = "skip", str(exc)
+                except Exception as exc:
+                    rec.status, rec.reason = "fail", f"{type(exc).__name__}: {exc}"
+            records.append(rec)
+    return records
+
+
+def cpu_numerics_in_interpreter() -> list[Record]:
+    """cpu-numerics in a subprocess with the Triton interpreter on, so Triton kernels run on the CPU."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", "import sys; from dsv4_kernels.ladder import main; sys.exit(main())"],
+                          capture_output=True, text=True, env=env, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"cpu-numerics subprocess failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return [Record(**r) for r in json.loads(proc.stdout.strip().splitlines()[-1])]
+
+
+def _summary(artifacts: list[dict]) -> str:
+    parts = []
+    for a in artifacts:
+        res = ", ".join(f"{k} {v}" for k, v in a["resources"].items() if k != "note")
+        note = a["resources"].get("note")
+        what = a["kind"] + (f"+{a['binary_kind']}" if a["binary_kind"] else "")
+        parts.append(f"{a['label']}: {what}" + (f" ({res})" if res else "") + (f" [{note}]" if note else ""))
+    return "; ".join(parts)
+
+
+def codegen_records(backends: tuple[str, ...]) -> list[Record]:
+    from dsv4_kernels.codegen import compile_many, targets_for
+    jobs = [(op, impl, t) for op in dispatch.ops() for impl in dispatch.implementations(op)
+            for t in targets_for(impl) if t.backend in backends]
+    results = compile_many([{"op": op, "impl": impl.name, "target": t.name} for op, impl, t in jobs])
+    records = []
+    for (op, impl, t), res in zip(jobs, results):
+        status, reason = ("pass", _summary(res["artifacts"])) if res["ok"] else ("fail", res["error"])
+        records.append(Record(op, impl.name, impl.language, t.backend, t.name, "codegen", status, reason))
+    return records
+
+
+def _bench_results_dir() -> Path:
+    return Path(__file__).resolve().parents[2] / "bench" / "results"
+
+
+def _perf_record(op: str, impl: dispatch.Implementation, device: platform.DeviceInfo) -> Record:
+    rec = Record(op, impl.name, impl.language, device.backend, device.arch, "device-perf", "skip", "")
+    folder = _bench_results_dir()
+    rows = []
+    if folder.is_dir():
+        for path in sorted(folder.glob("*.jsonl")):
+            for line in path.read_text().splitlines():
+                row = json.loads(line) if line.strip() else {}
+                if row.get("op") == op and row.get("impl") == impl.name and row.get("chip") == device.name:
+                    rows.append(path.name)
+    if rows:
+        rec.status, rec.reason = "pass", f"benchmark results for {device.name} in {', '.join(sorted(set(rows)))}"
+    else:
+        rec.reason = f"no benchmark result for {device.name} under bench/results/ (run dsv4k bench on this device)"
+    return rec
+
+
+def device_records(backends: tuple[str, ...]) -> list[Record]:
+    records = []
+    for op in dispatch.ops():
+        for impl in dispatch.implementations(op):
+            for backend in impl.backends:
+                if backend == "cpu" or backend not in backends:
+                    continue
+                absent = platform.device_present(backend)
+                rec = Record(op, impl.name, impl.language, backend, "device", "device-numerics", "skip", "")
+                if absent:
+                    rec.reason = absent
+                    records.append(rec)
+                    records.append(Record(op, impl.name, impl.language, backend, "device", "device-perf", "skip", absent))
+                    continue
+                info = platform.machine_device()
+                rec.target = info.arch
+                reason = impl.available(backend)
+                if reason:
+                    rec.reason = reason
+                else:
+                    try:
+                        rec.status, rec.reason = "pass", run_cases(op, impl.name, torch.device("cuda" if backend in ("cuda", "rocm") else "npu"))
+                    except Exception as exc:
+                        rec.status, rec.reason = "fail", f"{type(exc).__name__}: {exc}"
+                records.append(rec)
+                records.append(_perf_record(op, impl, info))
+    return records
+
+
+def run(backends: tuple[str, ...] = ("cuda", "rocm", "ascend"), levels: tuple[str, ...] = LEVELS) -> list[Record]:
+    """The whole ladder for these backends. CPU numerics always run in an interpreter subprocess."""
+    import dsv4_kernels  # noqa: F401  (registers the ops)
+    records: list[Record] = []
+    if "cpu-numerics" in levels:
+        records += cpu_numerics_in_interpreter()
+    if "codegen" in levels:
+        records += codegen_records(backends)
+    if "device-numerics" in levels or "device-perf" in levels:
+        records += [r for r in device_records(backends) if r.level in levels]
+    return records
+
+
+def main() -> int:
+    """Subprocess entry of cpu_numerics_in_interpreter: JSON records as the last stdout line."""
+    import dsv4_kernels  # noqa: F401
+    print(json.dumps([asdict(r) for r in cpu_numerics()]))
+    return 0

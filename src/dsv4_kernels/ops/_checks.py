@@ -1,0 +1,44 @@
+"""Argument checks run by every public op before dispatch. Each raises ValueError naming the argument,
+the expected value and the actual one."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+
+def tensor(name: str, x, dtypes: Iterable[torch.dtype] | torch.dtype | None = None,
+           ndim: int | None = None, contiguous: bool = True) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if dtypes is not None:
+        allowed = (dtypes,) if isinstance(dtypes, torch.dtype) else tuple(dtypes)
+        if x.dtype not in allowed:
+            raise ValueError(f"{name}: expected dtype {' or '.join(str(d) for d in allowed)}, got {x.dtype}")
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(f"{name}: expected {ndim} dimensions, got {x.dim()} (shape {tuple(x.shape)})")
+    if contiguous and not x.is_contiguous():
+        raise ValueError(f"{name}: expected a contiguous tensor, got strides {x.stride()} for shape {tuple(x.shape)}")
+    return x
+
+
+def shape(name: str, x: torch.Tensor, expected: tuple) -> None:
+    """expected: a tuple of ints or None (any size) per dimension."""
+    actual = tuple(x.shape)
+    if len(actual) != len(expected) or any(e is not None and a != e for a, e in zip(actual, expected)):
+        shown = tuple("*" if e is None else e for e in expected)
+        raise ValueError(f"{name}: expected shape {shown}, got {actual}")
+
+
+def same_device(**tensors: torch.Tensor) -> None:
+    devices = {n: t.device for n, t in tensors.items()}
+    first_name, first = next(iter(devices.items()))
+    for n, d in devices.items():
+        if d != first:
+            raise ValueError(f"{n}: expected device {first} (the device of {first_name}), got {d}")
+
+
+def one_of(name: str, value, allowed: Iterable) -> None:
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise ValueError(f"{name}: expected one of {', '.join(map(str, allowed))}, got {value!r}")

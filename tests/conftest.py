@@ -1,0 +1,208 @@
+"""Test harness.
+
+--backend={cpu,cuda,rocm,ascend}: which vendor's levels to run. On a machine without that backend's
+  device, the Triton interpreter is switched on (before any kernel module is imported) and tests run
+  CPU numerics plus that backend's codegen; device tests skip with the reason. With the device present
+  the interpreter stays off and kernels run on the device.
+--impl NAME (repeatable): only these implementations in `impl`-parametrised tests.
+--seed N: mixed into every test's seed, which is otherwise derived from the test id.
+
+Tests that take `device` run once per device: "cpu" (always) and the --backend device. Tests that take
+`impl` run once per implementation of the op named by `@pytest.mark.op(...)`; a (impl, device) pair the
+implementation cannot run skips with the dispatcher's reason. torch.empty / empty_like return
+NaN-poisoned memory, so outputs a kernel never wrote show. A run in which every test skipped fails.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import zlib
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+pytest_plugins = ["pytester"]
+
+# The autouse fixtures below (seed, poisoned torch.empty) are function-scoped; sharing them across the
+# examples of one @given test is intended, hence function_scoped_fixture is suppressed.
+_QUIET = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+settings.register_profile("ci", max_examples=20, deadline=None, derandomize=True, suppress_health_check=_QUIET)
+settings.register_profile("nightly", max_examples=400, deadline=None, suppress_health_check=_QUIET)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+BACKENDS = ("cpu", "cuda", "rocm", "ascend")
+TORCH_DEVICE = {"cpu": "cpu", "cuda": "cuda", "rocm": "cuda", "ascend": "npu"}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--backend", choices=BACKENDS, default="cpu", help="vendor backend under test")
+    parser.addoption("--impl", action="append", default=None, help="only these implementations")
+    parser.addoption("--seed", type=int, default=0, help="mixed into the per-test seed")
+
+
+def _device_absent(backend: str) -> str | None:
+    from dsv4_kernels.platform import device_present  # imports no kernel module
+    return device_present(backend)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "op(name): the op whose implementations parametrise `impl`")
+    backend = config.getoption("--backend")
+    absent = _device_absent(backend) if backend != "cpu" else "cpu run"
+    config.dsv4_device_absent = absent
+    if absent:
+        os.environ["TRITON_INTERPRET"] = "1"
+        import triton.runtime.interpreter as ti  # tl.device_assert is ignored unless debug is on
+        ti.interpreter_builder.options = dataclasses.replace(ti.interpreter_builder.options, debug=True)
+    else:
+        os.environ.pop("TRITON_INTERPRET", None)
+
+
+def pytest_report_header(config):
+    backend = config.getoption("--backend")
+    mode = "Triton interpreter on" if os.environ.get("TRITON_INTERPRET") == "1" else "kernels on the device"
+    absent = config.dsv4_device_absent if backend != "cpu" else None
+    return [f"dsv4-kernels: --backend={backend} ({mode})" + (f"; device tests skip: {absent}" if absent else "")]
+
+
+def _device_params(config) -> list:
+    backend = config.getoption("--backend")
+    params = [pytest.param(torch.device("cpu"), "cpu", id="cpu")]
+    if backend != "cpu":
+        absent = config.dsv4_device_absent
+        marks = [pytest.mark.device] + ([pytest.mark.skip(reason=absent)] if absent else [])
+        params.append(pytest.param(torch.device(TORCH_DEVICE[backend]), backend, id=backend, marks=marks))
+    return params
+
+
+def _impls(metafunc) -> list:
+    marker = metafunc.definition.get_closest_marker("op")
+    if marker is None:
+        raise pytest.UsageError(f"{metafunc.definition.nodeid}: takes `impl` but has no @pytest.mark.op(...)")
+    import dsv4_kernels  # noqa: F401  (registers the ops; no kernel module is imported)
+    from dsv4_kernels import dispatch
+    impls = dispatch.implementations(marker.args[0])
+    wanted = metafunc.config.getoption("--impl")
+    return [i for i in impls if not wanted or i.name in wanted]
+
+
+def pytest_generate_tests(metafunc):
+    """`device` and `impl` are parametrised jointly: only pairs whose backend the implementation serves
+    exist (tilelang on a CPU tensor is not a test); pairs it serves but cannot run here skip with why."""
+    names = metafunc.fixturenames
+    if "codegen_job" in names:
+        jobs = codegen_jobs(metafunc.config)
+        metafunc.parametrize("codegen_job", jobs, ids=["/".join(j) for j in jobs])
+    if "device" in names and "impl" in names:
+        params = [pytest.param(impl.name, dev.values[0], id=f"{impl.name}-{dev.id}", marks=dev.marks)
+                  for impl in _impls(metafunc) for dev in _device_params(metafunc.config)
+                  if impl.serves(dev.values[1])]
+        metafunc.parametrize("impl,device", params)
+    elif "device" in names:
+        metafunc.parametrize("device", [pytest.param(p.values[0], id=p.id, marks=p.marks)
+                                        for p in _device_params(metafunc.config)])
+    elif "impl" in names:
+        metafunc.parametrize("impl", [i.name for i in _impls(metafunc)])
+
+
+def backend_of_device(device: torch.device, config) -> str:
+    return "cpu" if device.type == "cpu" else config.getoption("--backend")
+
+
+@pytest.fixture(autouse=True)
+def _skip_unrunnable(request):
+    """Skip an (impl, device) pair the implementation cannot run, with the dispatcher's reason."""
+    params = getattr(request.node, "callspec", None)
+    if params is None or "impl" not in params.params or "device" not in params.params:
+        return
+    from dsv4_kernels import dispatch
+    op = request.node.get_closest_marker("op").args[0]
+    impl = dispatch.get(op, params.params["impl"])
+    backend = backend_of_device(params.params["device"], request.config)
+    reason = impl.available(backend)
+    if reason:
+        pytest.skip(f"{op}/{impl.name} on {backend}: {reason}")
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    """Seed torch, random and numpy from the test id (and --seed): reproducible and distinct per test."""
+    seed = zlib.crc32(request.node.nodeid.encode()) ^ request.config.getoption("--seed")
+    torch.manual_seed(seed)
+    random.seed(seed)
+    try:
+        import numpy
+        numpy.random.seed(seed % 2**32)
+    except ImportError:
+        pass
+    return seed
+
+
+_POISON_INT = {torch.uint8: 0xA5, torch.int8: -91, torch.int16: -23131, torch.int32: -1515870811,
+               torch.int64: -6510615555426900571}
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    if t.numel() == 0:
+        return t
+    if t.dtype.is_floating_point:
+        return t.fill_(float("nan"))
+    if t.dtype == torch.bool:
+        return t.fill_(True)
+    if t.dtype in _POISON_INT:
+        return t.fill_(_POISON_INT[t.dtype])
+    return t
+
+
+@pytest.fixture(autouse=True)
+def _nan_poisoned_empty(monkeypatch):
+    """torch.empty and torch.empty_like hand out poisoned memory (NaN for floats, 0xA5.. for ints)."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def empty(*args, **kwargs):
+        return poison_(real_empty(*args, **kwargs))
+
+    def empty_like(*args, **kwargs):
+        return poison_(real_empty_like(*args, **kwargs))
+
+    monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.setattr(torch, "empty_like", empty_like)
+
+
+def codegen_backends(config) -> tuple[str, ...]:
+    """--backend=cpu compiles for every vendor's targets (codegen needs no device); else that vendor's."""
+    backend = config.getoption("--backend")
+    return ("cuda", "rocm", "ascend") if backend == "cpu" else (backend,)
+
+
+def codegen_jobs(config) -> list[tuple[str, str, str]]:
+    import dsv4_kernels  # noqa: F401
+    from dsv4_kernels import dispatch
+    from dsv4_kernels.codegen import targets_for
+    wanted = config.getoption("--impl")
+    return [(op, impl.name, t.name) for op in dispatch.ops() for impl in dispatch.implementations(op)
+            if not wanted or impl.name in wanted
+            for t in targets_for(impl) if t.backend in codegen_backends(config)]
+
+
+@pytest.fixture(scope="session")
+def codegen_results(request) -> dict:
+    """Every codegen job of this run compiled once, in one clean subprocess: {(op, impl, target): result}."""
+    from dsv4_kernels.codegen import compile_many
+    jobs = codegen_jobs(request.config)
+    results = compile_many([{"op": op, "impl": impl, "target": t} for op, impl, t in jobs])
+    return {(r["op"], r["impl"], r["target"]): r for r in results}
+
+
+def pytest_sessionfinish(session, exitstatus):
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None or exitstatus != 0:
+        return
+    passed = len(reporter.stats.get("passed", []))
+    skipped = len(reporter.stats.get("skipped", []))
+    if passed == 0 and skipped > 0:
+        reporter.write_line(f"dsv4-kernels: all {skipped} tests were skipped; a run that tests nothing fails",
+                            red=True)
+        session.exitstatus = 1
