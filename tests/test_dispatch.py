@@ -190,3 +190,12 @@ def test_registration_errors(registry):
 def test_no_tensor_argument(registry):
     with pytest.raises(ValueError, match="no tensor argument"):
         dispatch.select("toy", (3,))
+
+
+def test_recording_counts_what_ran(registry, on_h100):
+    with dispatch.recording() as counts:
+        dispatch.call("toy", torch.zeros(4))
+        dispatch.call("toy", torch.zeros(4), impl="reference")
+        dispatch.call("toy", torch.zeros(2))
+    dispatch.call("toy", torch.zeros(2))  # outside the block: not counted
+    assert counts == {("toy", "triton"): 2, ("toy", "reference"): 1}

@@ -1,4 +1,4 @@
-"""The `dsv4k` command: info, check, codegen."""
+"""The `dsv4k` command: info, check, codegen, demo."""
 from __future__ import annotations
 
 import argparse
@@ -92,6 +92,11 @@ def cmd_codegen(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from dsv4_kernels import demo
+    return demo.main(args.prefill, args.decode, args.seed)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dsv4k", description="DeepSeek-V4 kernels: inspect, verify, compile.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -107,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--target", required=True, help="sm_90a, sm_100a, gfx942, gfx950, ascend950")
     g.add_argument("-o", "--output", help="write to this file instead of stdout")
     g.set_defaults(fn=cmd_codegen)
+    d = sub.add_parser("demo", help="a tiny DeepSeek-V4 block through the dispatcher, against the all-reference run")
+    d.add_argument("--prefill", type=int, default=250, help="prefill tokens")
+    d.add_argument("--decode", type=int, default=8, help="decode steps after the prefill")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(fn=cmd_demo)
     return p
 
 

@@ -13,9 +13,11 @@ reason, and `DSV4K_STRICT=1` turns it into `FallbackError`.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -255,9 +257,26 @@ def select(op: str, args: tuple, kwargs: dict | None = None, impl: str | None = 
     return Decision(op, device, chosen, source, tuple(candidates), fallback)
 
 
+_recorders: list[Counter] = []
+
+
+@contextlib.contextmanager
+def recording():
+    """Count which implementation ran for each op inside the block: {(op, impl): calls}."""
+    counts: Counter = Counter()
+    _recorders.append(counts)
+    try:
+        yield counts
+    finally:
+        _recorders.remove(counts)
+
+
 def call(op: str, *args, impl: str | None = None, **kwargs):
     """Select and run: the body every public op's torch.library implementation calls."""
-    return select(op, args, kwargs, impl=impl).chosen(*args, **kwargs)
+    chosen = select(op, args, kwargs, impl=impl).chosen
+    for counts in _recorders:
+        counts[(op, chosen.name)] += 1
+    return chosen(*args, **kwargs)
 
 
 def explain(op: str, *args, impl: str | None = None, **kwargs) -> Decision:

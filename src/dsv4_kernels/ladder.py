@@ -65,11 +65,14 @@ def _outputs(x) -> tuple:
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
 
-def _to(x, device):
+def _copy_to_cpu(x):
+    """A CPU copy that shares no storage with x: in-place ops must not change the expected side's inputs."""
     if isinstance(x, torch.Tensor):
-        return x.to(device)
+        return x.detach().to("cpu", copy=True)
     if isinstance(x, (tuple, list)):
-        return type(x)(_to(v, device) for v in x)
+        return type(x)(_copy_to_cpu(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _copy_to_cpu(v) for k, v in x.items()}
     return x
 
 
@@ -81,8 +84,8 @@ def run_cases(op: str, impl_name: str, device: torch.device) -> str:
     torch.manual_seed(0)
     labels = []
     for label, args, kwargs in check.cases(device):
+        cpu_args, cpu_kwargs = _copy_to_cpu(args), _copy_to_cpu(kwargs)  # before an in-place op runs
         out = _outputs(dispatch.call(op, *args, impl=impl_name, **kwargs))
-        cpu_args, cpu_kwargs = _to(args, "cpu"), _to(kwargs, "cpu")
         if impl.language == "reference" and device.type == "cpu":
             if check.oracle is None:
                 raise LookupError("no independent oracle is registered for this op")

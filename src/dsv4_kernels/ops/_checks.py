@@ -22,12 +22,17 @@ def tensor(name: str, x, dtypes: Iterable[torch.dtype] | torch.dtype | None = No
     return x
 
 
+def format_shape(dims: tuple) -> str:
+    """(3, None, 512) -> "(3, *, 512)"; a one-element shape keeps its comma: "(3,)"."""
+    parts = ["*" if d is None else str(d) for d in dims]
+    return "(" + ", ".join(parts) + ("," if len(parts) == 1 else "") + ")"
+
+
 def shape(name: str, x: torch.Tensor, expected: tuple) -> None:
     """expected: a tuple of ints or None (any size) per dimension."""
     actual = tuple(x.shape)
     if len(actual) != len(expected) or any(e is not None and a != e for a, e in zip(actual, expected)):
-        shown = tuple("*" if e is None else e for e in expected)
-        raise ValueError(f"{name}: expected shape {shown}, got {actual}")
+        raise ValueError(f"{name}: expected shape {format_shape(expected)}, got {actual}")
 
 
 def same_device(**tensors: torch.Tensor) -> None:

@@ -1,0 +1,229 @@
+"""Fused compressor update (SPEC 2): every r raw tokens pooled into one compressed KV entry.
+
+Pooling is a per-channel softmax over rows of (kv, score + ape) followed by a weighted sum. Ratio 4
+overlaps windows: entry j pools the A halves ([:d]) of block j-1 with the B halves ([d:]) of block j.
+The decode state holds the rows of the block being filled (and, for ratio 4, the previous block).
+After pooling come RMSNorm, RoPE on the last 64 dims at position j*r, and for d = 512 the FP8 cache
+store; `indexer_cache_quantize` is the d = 128 (indexer) cache form.
+"""
+from __future__ import annotations
+
+import torch
+
+from .formats import quantize_mxfp4, store_kv_cache_fp8
+from .transforms import apply_rope_interleaved, hadamard_rotate
+
+__all__ = [
+    "compressor_init_state",
+    "compressor_prefill",
+    "compressor_decode",
+    "compressor_norm_rope",
+    "indexer_cache_quantize",
+]
+
+ROPE_DIM = 64
+INDEXER_DIM = 128
+FP4_BLOCK = 32
+
+
+def _coff(ratio: int) -> int:
+    return 2 if ratio == 4 else 1
+
+
+def _pool(kv_rows: torch.Tensor, score_rows: torch.Tensor) -> torch.Tensor:
+    """[..., R, d] fp32 each -> [..., d] fp32: softmax over the R rows per channel, weighted sum of kv.
+
+    Computed in fp64 and rounded once. Rows with score -inf get weight 0 (their kv is 0).
+    """
+    weights = torch.softmax(score_rows.double(), dim=-2)
+    return (weights * kv_rows.double()).sum(dim=-2).float()
+
+
+def _overlap_rows(prev: torch.Tensor, cur: torch.Tensor, d: int) -> torch.Tensor:
+    """Ratio 4 pooling rows: [..., 4, 2d] previous block and [..., 4, 2d] current block -> [..., 8, d]."""
+    return torch.cat([prev[..., :d], cur[..., d:]], dim=-2)
+
+
+def _finish(pooled, positions, norm_weight, rope_cos, rope_sin, kv_cache, cache_block_size, cache_slots):
+    """Optional fused stages on pooled [n, d] fp32: norm + RoPE (-> bf16), then the FP8 cache store."""
+    if norm_weight is None:
+        return pooled
+    out = compressor_norm_rope(pooled, norm_weight, rope_cos, rope_sin, positions)
+    if kv_cache is not None:
+        store_kv_cache_fp8(kv_cache, cache_slots, out, block_size=cache_block_size)
+    return out
+
+
+def compressor_init_state(ratio: int, d: int, slots: int | None = None,
+                          device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fresh decode state (SPEC 2): kv = 0, score = -inf.
+
+    Args:
+        ratio: compression ratio r, 4 or 128.
+        d: entry width, 512 (attention compressor) or 128 (indexer compressor).
+        slots: number of sequences; None gives a single state without the leading dim.
+        device: where to allocate.
+    Returns:
+        (kv_state, score_state), fp32, each [coff*r, coff*d] or [slots, coff*r, coff*d] with
+        coff = 2 for r = 4 and 1 for r = 128.
+    """
+    coff = _coff(ratio)
+    shape = (coff * ratio, coff * d) if slots is None else (slots, coff * ratio, coff * d)
+    kv_state = torch.zeros(shape, dtype=torch.float32, device=device)
+    score_state = torch.full(shape, float("-inf"), dtype=torch.float32, device=device)
+    return kv_state, score_state
+
+
+def compressor_prefill(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, ratio: int,
+                       norm_weight: torch.Tensor | None = None, rope_cos: torch.Tensor | None = None,
+                       rope_sin: torch.Tensor | None = None, kv_cache: torch.Tensor | None = None,
+                       cache_block_size: int = 64, cache_slots: torch.Tensor | None = None):
+    """Compress the S tokens of one sequence from position 0, and build its decode state.
+
+    Args:
+        kv: [S, coff*d] fp32, the kv projections of tokens 0..S-1.
+        score: [S, coff*d] fp32, the gate projections (score before the ape bias).
+        ape: [r, coff*d] fp32; token t's score gets ape[t mod r].
+        ratio: r, 4 (overlapping windows, coff = 2) or 128 (coff = 1). d = kv.shape[-1] // coff.
+        norm_weight: optional [d] fp32; with rope_cos and rope_sin selects the fused form.
+        rope_cos, rope_sin: optional [P, 32] fp32 tables indexed by position, P > (S//r - 1) * r.
+        kv_cache: optional uint8 FP8 cache pages (SPEC 1.2, d = 512 only, fused form only), written
+            in place: entry i goes to flat slot cache_slots[i] (page slot // cache_block_size).
+        cache_block_size: tokens per cache page.
+        cache_slots: [S//r] int64 flat cache slots, needed with kv_cache.
+    Returns:
+        entries: [S//r, d], fp32, or bf16 (compressor_norm_rope of the fp32 entries at positions
+            j*r) in the fused form. Entry j pools tokens [j*r, (j+1)*r); for r = 4 it pools the A
+            halves of block j-1 (kv 0, score -inf for j = 0) and the B halves of block j.
+        kv_state, score_state: [coff*r, coff*d] fp32, the decode state after S tokens (SPEC 2):
+            r = 4: rows 0:4 hold the last complete block (kv, score + ape), or the initial kv 0 /
+            score -inf when S < 4; rows 4 .. 4 + S mod 4 hold the incomplete block.
+            r = 128: rows 0 .. S mod 128 hold the incomplete block.
+            The remaining rows are unspecified by the spec; here they hold kv 0, score -inf.
+    Edge cases: S = 0 returns [0, d] entries and a fresh state; S < r returns no entries.
+    """
+    coff = _coff(ratio)
+    seq_len, width = kv.shape
+    d = width // coff
+    n = seq_len // ratio
+    cutoff = n * ratio
+    kv = kv.float()
+    phase = torch.arange(seq_len, device=kv.device) % ratio
+    biased = score.float() + ape.float()[phase]
+
+    kv_blocks = kv[:cutoff].reshape(n, ratio, width)
+    sc_blocks = biased[:cutoff].reshape(n, ratio, width)
+    if coff == 2:
+        kv_prev = torch.cat([torch.zeros_like(kv_blocks[:1]), kv_blocks[:-1]])
+        sc_prev = torch.cat([torch.full_like(sc_blocks[:1], float("-inf")), sc_blocks[:-1]])
+        pooled = _pool(_overlap_rows(kv_prev, kv_blocks, d), _overlap_rows(sc_prev, sc_blocks, d))
+    else:
+        pooled = _pool(kv_blocks, sc_blocks)
+    positions = torch.arange(n, device=kv.device, dtype=torch.int64) * ratio
+    entries = _finish(pooled, positions, norm_weight, rope_cos, rope_sin, kv_cache, cache_block_size,
+                      cache_slots)
+
+    kv_state, score_state = compressor_init_state(ratio, d, device=kv.device)
+    offset = ratio if coff == 2 else 0
+    if coff == 2 and n > 0:
+        kv_state[:ratio] = kv_blocks[-1]
+        score_state[:ratio] = sc_blocks[-1]
+    rem = seq_len - cutoff
+    kv_state[offset:offset + rem] = kv[cutoff:]
+    score_state[offset:offset + rem] = biased[cutoff:]
+    return entries, kv_state, score_state
+
+
+def compressor_decode(kv_state: torch.Tensor, score_state: torch.Tensor, kv: torch.Tensor,
+                      score: torch.Tensor, ape: torch.Tensor, positions: torch.Tensor, ratio: int,
+                      slot_ids: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
+                      rope_cos: torch.Tensor | None = None, rope_sin: torch.Tensor | None = None,
+                      kv_cache: torch.Tensor | None = None, cache_block_size: int = 64,
+                      cache_slots: torch.Tensor | None = None):
+    """One decode step for B sequences: write each token into its state, pool where a block completes.
+
+    Args:
+        kv_state, score_state: [slots, coff*r, coff*d] fp32, updated in place (SPEC 2 layout).
+        kv, score: [B, coff*d] fp32, this step's projections (score before the ape bias).
+        ape: [r, coff*d] fp32.
+        positions: [B] int64 >= 0, the position p of each token in its sequence.
+        ratio: r, 4 or 128.
+        slot_ids: [B] int64, distinct, the state slot of each sequence; default arange(B).
+        norm_weight, rope_cos, rope_sin, kv_cache, cache_block_size: as in compressor_prefill.
+        cache_slots: [B] int64 flat cache slots; read only where a row emits.
+    Returns:
+        entries: [B, d] fp32 (bf16 in the fused form); row b holds entry p // r when row b emits,
+            else zeros. The fused form applies RoPE at position p + 1 - r.
+        emitted: [B] bool, (p + 1) mod r == 0.
+    State update: row (r if r == 4 else 0) + p mod r <- (kv, score + ape[p mod r]); on emission
+    r = 128 pools rows 0:128; r = 4 pools rows[0:4, :d] ++ rows[4:8, d:] and then copies rows
+    4:8 into rows 0:4 (rows 4:8 keep their values, unspecified until rewritten).
+    Edge cases: B = 0 returns [0, d] entries and [0] emitted and leaves the states untouched.
+    """
+    coff = _coff(ratio)
+    batch, width = kv.shape
+    d = width // coff
+    device = kv.device
+    if slot_ids is None:
+        slot_ids = torch.arange(batch, device=device)
+    phase = positions % ratio
+    offset = ratio if coff == 2 else 0
+    kv_state[slot_ids, offset + phase] = kv.float()
+    score_state[slot_ids, offset + phase] = score.float() + ape.float()[phase]
+
+    emitted = phase == ratio - 1
+    emit_slots = slot_ids[emitted]
+    kv_rows = kv_state[emit_slots]
+    sc_rows = score_state[emit_slots]
+    if coff == 2:
+        pooled = _pool(_overlap_rows(kv_rows[:, :ratio], kv_rows[:, ratio:], d),
+                       _overlap_rows(sc_rows[:, :ratio], sc_rows[:, ratio:], d))
+        kv_state[emit_slots, :ratio] = kv_rows[:, ratio:]
+        score_state[emit_slots, :ratio] = sc_rows[:, ratio:]
+    else:
+        pooled = _pool(kv_rows, sc_rows)
+    emit_cache_slots = None if cache_slots is None else cache_slots[emitted]
+    finished = _finish(pooled, positions[emitted] + 1 - ratio, norm_weight, rope_cos, rope_sin,
+                       kv_cache, cache_block_size, emit_cache_slots)
+    entries = torch.zeros(batch, d, dtype=finished.dtype, device=device)
+    entries[emitted] = finished
+    return entries, emitted
+
+
+def compressor_norm_rope(entries: torch.Tensor, norm_weight: torch.Tensor, rope_cos: torch.Tensor,
+                         rope_sin: torch.Tensor, positions: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """RMSNorm then interleaved RoPE on the last 64 dims (SPEC 2, 6).
+
+    Args:
+        entries: [n, d] fp32 pooled entries, d >= 64.
+        norm_weight: [d] fp32.
+        rope_cos, rope_sin: [P, 32] tables indexed by position (fp32, or any float dtype).
+        positions: [n] int64 in [0, P), the RoPE position of each entry (j*r for entry j).
+        eps: RMSNorm epsilon.
+    Returns:
+        [n, d] bf16: y = bf16(x * rsqrt(mean(x^2) + eps) * w) in fp32 math; then the last 64 dims,
+        as pairs (y[2i], y[2i+1]), are rotated by the angle at `positions` in fp32 math on the bf16
+        value and rounded to bf16. n = 0 gives [0, d].
+    """
+    x = entries.float()
+    normed = x * torch.rsqrt(x.square().mean(dim=-1, keepdim=True) + eps) * norm_weight.float()
+    normed = normed.to(torch.bfloat16)
+    cos = rope_cos[positions].float()
+    sin = rope_sin[positions].float()
+    rotated = apply_rope_interleaved(normed[:, -ROPE_DIM:].float(), cos, sin).to(torch.bfloat16)
+    return torch.cat([normed[:, :-ROPE_DIM], rotated], dim=-1)
+
+
+def indexer_cache_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indexer cache form of d = 128 entries: Hadamard rotation (scale 128^-0.5), then MXFP4.
+
+    Args:
+        x: [n, 128] bf16, the indexer compressor's normed, RoPE'd entries.
+    Returns:
+        packed: [n, 64] uint8, two e2m1 codes per byte, low nibble = even index.
+        scale: [n, 4] uint8 ue8m0, one per block of 32 rotated values.
+    The rotation runs in fp32 on the bf16 values and is quantised without rounding to bf16 first.
+    n = 0 gives [0, 64] and [0, 4].
+    """
+    rotated = hadamard_rotate(x.float(), scale=INDEXER_DIM ** -0.5)
+    return quantize_mxfp4(rotated, block_size=FP4_BLOCK)

@@ -1,0 +1,105 @@
+"""MoE routing references (SPEC 3): score top-k and hash top-k over sqrt(softplus) gate scores.
+
+Precision: s = sqrt(softplus(logits)) is evaluated in fp64 and rounded once to fp32, so the reference
+s is the fp32 rounding of the exact value (an fp32 kernel lands within an ulp or so of it). The
+selection key s + bias is an fp32 addition, as the spec writes it. The weight normalisation runs in
+fp64 on the fp32 s values and is rounded once to fp32.
+
+Fused shared experts: with num_fused_shared_experts = n > 0 the outputs gain n trailing columns;
+column topk + j holds expert id E + j with weight 1 / routed_scaling_factor (SPEC 3 states this for
+n = 1, the only value V4 uses; n > 1 extends it column by column). Engines that treat n > 1 as
+replicas of one shared expert drawn at random into a single column are not modelled here.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["sqrt_softplus", "score_topk", "hash_topk"]
+
+SOFTPLUS_THRESHOLD = 20.0
+WEIGHT_SUM_EPS = 1e-20
+
+
+def sqrt_softplus(logits: torch.Tensor) -> torch.Tensor:
+    """s = sqrt(softplus(logits)) as fp32, with softplus(x) = x for x > 20 (torch's threshold).
+
+    Args:
+        logits: [..., E] floating point (fp32 in routing).
+    Returns:
+        [..., E] fp32, >= 0. Computed in fp64 and rounded once; exp never overflows (its argument is
+        clamped to the threshold, where the other branch is taken). Very negative logits give s = 0;
+        NaN gives NaN; +inf gives +inf.
+    """
+    x = logits.double()
+    soft = torch.where(x > SOFTPLUS_THRESHOLD, x, torch.log1p(torch.exp(x.clamp(max=SOFTPLUS_THRESHOLD))))
+    return soft.sqrt().float()
+
+
+def _normalised_weights(s: torch.Tensor, ids: torch.Tensor, routed_scaling_factor: float) -> torch.Tensor:
+    """w = s.gather(ids) / (sum(w) + 1e-20) * routed_scaling_factor, fp64 math on fp32 s, fp32 out."""
+    w = s.gather(-1, ids.long()).double()
+    w = w / (w.sum(dim=-1, keepdim=True) + WEIGHT_SUM_EPS) * routed_scaling_factor
+    return w.float()
+
+
+def _append_shared(weights: torch.Tensor, ids: torch.Tensor, num_experts: int,
+                   num_fused_shared_experts: int, routed_scaling_factor: float):
+    """Append columns with ids E + j and weight 1 / routed_scaling_factor for j < num_fused_shared_experts."""
+    n = num_fused_shared_experts
+    if n == 0:
+        return weights, ids
+    t = ids.shape[0]
+    shared_ids = (num_experts + torch.arange(n, dtype=torch.int32, device=ids.device)).expand(t, n)
+    shared_w = torch.full((t, n), 1.0 / routed_scaling_factor, dtype=torch.float32, device=weights.device)
+    return torch.cat([weights, shared_w], dim=-1), torch.cat([ids, shared_ids], dim=-1)
+
+
+def score_topk(router_logits: torch.Tensor, bias: torch.Tensor, topk: int = 6,
+               routed_scaling_factor: float = 1.0, num_fused_shared_experts: int = 0):
+    """Score-layer routing (SPEC 3, layers >= 3): top-k of s + bias, weights from s alone.
+
+    Args:
+        router_logits: [T, E] fp32, the gate GEMM output. T may be 0.
+        bias: [E] fp32, the score-correction bias; used for selection only, never in the weights.
+        topk: routed experts per token, 1 <= topk <= E.
+        routed_scaling_factor: positive float multiplying the normalised routed weights.
+        num_fused_shared_experts: n >= 0 trailing shared-expert columns (see the module docstring).
+    Returns:
+        weights: [T, topk + n] fp32. Routed columns: s[ids] / (sum of the topk s[ids] + 1e-20) *
+            routed_scaling_factor, so they sum to routed_scaling_factor (to 0 if every selected s
+            is 0). Shared columns: 1 / routed_scaling_factor.
+        ids: [T, topk + n] int32. Routed columns: distinct expert ids in descending order of the fp32
+            key s + bias; equal keys are ordered by the smaller expert index first (a stable
+            descending sort, not torch.topk, whose tie order is unspecified). Shared columns: E + j.
+    Edge cases: T = 0 gives [0, topk + n] outputs. NaN keys sort first (torch.sort's NaN order);
+    finite logits and bias are assumed.
+    """
+    s = sqrt_softplus(router_logits)
+    key = s + bias.float()
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
+    ids = order[:, :topk].to(torch.int32)
+    weights = _normalised_weights(s, ids, routed_scaling_factor)
+    return _append_shared(weights, ids, router_logits.shape[-1], num_fused_shared_experts, routed_scaling_factor)
+
+
+def hash_topk(router_logits: torch.Tensor, input_ids: torch.Tensor, tid2eid: torch.Tensor,
+              num_fused_shared_experts: int = 0, routed_scaling_factor: float = 1.0):
+    """Hash-layer routing (SPEC 3, layers 0-2): experts looked up from the token id, weights from s.
+
+    Args:
+        router_logits: [T, E] fp32, the gate GEMM output. T may be 0.
+        input_ids: [T] int32 or int64 token ids, each in [0, V).
+        tid2eid: [V, k] int32 frozen table; every entry in [0, E).
+        num_fused_shared_experts: n >= 0 trailing shared-expert columns (see the module docstring).
+        routed_scaling_factor: positive float multiplying the normalised routed weights.
+    Returns:
+        weights: [T, k + n] fp32, computed from s = sqrt(softplus(logits)) exactly as in score_topk
+            (no bias exists in hash layers); shared columns 1 / routed_scaling_factor.
+        ids: [T, k + n] int32: tid2eid[input_ids] in table order (not sorted), then E + j.
+    Edge cases: T = 0 gives [0, k + n] outputs. A table row with a repeated expert is used as is:
+    that expert's s is counted once per occurrence.
+    """
+    s = sqrt_softplus(router_logits)
+    ids = tid2eid[input_ids.long()].to(torch.int32)
+    weights = _normalised_weights(s, ids, routed_scaling_factor)
+    return _append_shared(weights, ids, router_logits.shape[-1], num_fused_shared_experts, routed_scaling_factor)

@@ -1,0 +1,600 @@
+"""The fused compressor update (SPEC 2): compressor_prefill, compressor_decode, compressor_norm_rope and
+indexer_cache_quantize, plus the compressor_init_state helper.
+
+Every r raw tokens pool into one compressed KV entry (per-channel softmax of score + ape over the rows
+of the block; ratio 4 overlaps windows). The fused forms add RMSNorm + RoPE (bf16 entries) and, for
+d = 512, the FP8 cache store. Ratios 0 and 1 mean "no compression": such layers have no compressor.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dsv4_kernels import dispatch
+from dsv4_kernels.dispatch import Implementation
+from dsv4_kernels.ladder import OpCheck, register_check
+from dsv4_kernels.oracles import compressor as oracle
+from dsv4_kernels.ops import _checks
+from dsv4_kernels.reference.compressor import compressor_init_state
+from dsv4_kernels.testing import assert_close, assert_same_nonfinite, bf16_ulp
+
+__all__ = [
+    "compressor_init_state",
+    "compressor_prefill",
+    "compressor_decode",
+    "compressor_norm_rope",
+    "indexer_cache_quantize",
+]
+
+RATIOS = (4, 128)
+WIDTHS = (512, 128)            # d: attention compressor, indexer compressor
+CACHE_D = 512                  # the FP8 cache form (SPEC 1.2) holds 512-d entries
+KV_TOKEN_BYTES = 584           # SPEC 1.2 bytes per cached token
+ROPE_PAIRS = 32                # rope tables: [P, 64 / 2]
+INDEXER_D = 128
+_ALL_BACKENDS = ("cpu", "cuda", "rocm", "ascend")
+
+
+def _coff(ratio: int) -> int:
+    return 2 if ratio == 4 else 1
+
+
+def _int_arg(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
+
+
+def _ratio(ratio) -> int:
+    """ratio in {4, 128}; 0 and 1 get the explanation that they have no compressor."""
+    _int_arg("ratio", ratio)
+    if ratio in (0, 1):
+        raise ValueError(f"ratio: expected one of 4, 128, got {ratio}: ratio 0 and 1 mean no compression "
+                         f"(window-only layers), which have no compressor")
+    _checks.one_of("ratio", ratio, RATIOS)
+    return _coff(ratio)
+
+
+def _entry_width(name: str, x: torch.Tensor, ratio: int, coff: int) -> int:
+    """d from the last dimension coff*d of x; d must be 512 or 128."""
+    width = x.shape[-1]
+    if width % coff or width // coff not in WIDTHS:
+        raise ValueError(f"{name}: expected last dimension coff*d = {' or '.join(str(coff * d) for d in WIDTHS)} "
+                         f"(ratio {ratio}: coff {coff}, d 512 or 128), got {width}")
+    return width // coff
+
+
+def _fused(d: int, rows: int, norm_weight, rope_cos, rope_sin, kv_cache, cache_block_size, cache_slots,
+           min_positions: int | None = None) -> dict[str, torch.Tensor]:
+    """Checks of the optional fused-form arguments; returns the given tensors by name (for the device
+    check). rows: the first dimension cache_slots must have (S // r for prefill, B for decode).
+    min_positions: rows the rope tables need when it is known from shapes alone (prefill)."""
+    _int_arg("cache_block_size", cache_block_size)
+    if cache_block_size < 1:
+        raise ValueError(f"cache_block_size: expected a positive number of tokens per page, got {cache_block_size}")
+    given: dict[str, torch.Tensor] = {}
+    if (rope_cos is None) != (rope_sin is None):
+        missing, present = ("rope_sin", "rope_cos") if rope_sin is None else ("rope_cos", "rope_sin")
+        raise ValueError(f"{missing}: expected a tensor together with {present} (both or neither), got None")
+    if rope_cos is not None and norm_weight is None:
+        raise ValueError("norm_weight: expected a [d] fp32 tensor with rope_cos and rope_sin (the fused form is "
+                         "RMSNorm then RoPE), got None")
+    if norm_weight is not None and rope_cos is None:
+        raise ValueError("rope_cos: expected [P, 32] fp32 tables with norm_weight (the fused form is RMSNorm "
+                         "then RoPE), got None")
+    if norm_weight is not None:
+        _checks.tensor("norm_weight", norm_weight, torch.float32, ndim=1)
+        _checks.shape("norm_weight", norm_weight, (d,))
+        _checks.tensor("rope_cos", rope_cos, torch.float32, ndim=2)
+        _checks.shape("rope_cos", rope_cos, (None, ROPE_PAIRS))
+        _checks.tensor("rope_sin", rope_sin, torch.float32, ndim=2)
+        _checks.shape("rope_sin", rope_sin, tuple(rope_cos.shape))
+        if min_positions is not None and rope_cos.shape[0] < min_positions:
+            raise ValueError(f"rope_cos: expected at least {min_positions} rows (entries sit at positions up to "
+                             f"{min_positions - 1}), got {rope_cos.shape[0]}")
+        given.update(norm_weight=norm_weight, rope_cos=rope_cos, rope_sin=rope_sin)
+    if kv_cache is None:
+        if cache_slots is not None:
+            raise ValueError("cache_slots: expected None without kv_cache, got a tensor")
+        return given
+    if norm_weight is None:
+        raise ValueError("kv_cache: the FP8 cache store is part of the fused form only; expected norm_weight, "
+                         "rope_cos and rope_sin with it, got norm_weight None")
+    if d != CACHE_D:
+        raise ValueError(f"kv_cache: the FP8 cache form (SPEC 1.2) holds d = {CACHE_D} entries, got d = {d} "
+                         f"(d = 128 indexer entries go through indexer_cache_quantize)")
+    _checks.tensor("kv_cache", kv_cache, torch.uint8, ndim=2)
+    _checks.shape("kv_cache", kv_cache, (None, cache_block_size * KV_TOKEN_BYTES))
+    if cache_slots is None:
+        raise ValueError(f"cache_slots: expected an int64 tensor [{rows}] with kv_cache, got None")
+    _checks.tensor("cache_slots", cache_slots, torch.int64, ndim=1)
+    _checks.shape("cache_slots", cache_slots, (rows,))
+    given.update(kv_cache=kv_cache, cache_slots=cache_slots)
+    return given
+
+
+def _entry_dtype(norm_weight) -> torch.dtype:
+    return torch.float32 if norm_weight is None else torch.bfloat16
+
+
+OP_PREFILL = "compressor_prefill"
+
+
+def validate_prefill(kv, score, ape, ratio, norm_weight=None, rope_cos=None, rope_sin=None, kv_cache=None,
+                     cache_block_size=64, cache_slots=None) -> None:
+    coff = _ratio(ratio)
+    _checks.tensor("kv", kv, torch.float32, ndim=2)
+    d = _entry_width("kv", kv, ratio, coff)
+    seq_len = kv.shape[0]
+    _checks.tensor("score", score, torch.float32, ndim=2)
+    _checks.shape("score", score, tuple(kv.shape))
+    _checks.tensor("ape", ape, torch.float32, ndim=2)
+    _checks.shape("ape", ape, (ratio, coff * d))
+    n = seq_len // ratio
+    given = _fused(d, n, norm_weight, rope_cos, rope_sin, kv_cache, cache_block_size, cache_slots,
+                   min_positions=(n - 1) * ratio + 1 if n > 0 else None)
+    _checks.same_device(kv=kv, score=score, ape=ape, **given)
+
+
+dispatch.register(Implementation(
+    OP_PREFILL, "reference", "reference", _ALL_BACKENDS,
+    entry="dsv4_kernels.reference.compressor:compressor_prefill", priority=0))
+
+
+@torch.library.custom_op("dsv4::compressor_prefill", mutates_args=("kv_cache",))
+def _compressor_prefill_op(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, ratio: int,
+                           norm_weight: torch.Tensor | None, rope_cos: torch.Tensor | None,
+                           rope_sin: torch.Tensor | None, kv_cache: torch.Tensor | None, cache_block_size: int,
+                           cache_slots: torch.Tensor | None,
+                           impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return dispatch.call(OP_PREFILL, kv, score, ape, ratio, norm_weight, rope_cos, rope_sin, kv_cache,
+                         cache_block_size, cache_slots, impl=impl or None)
+
+
+@_compressor_prefill_op.register_fake
+def _(kv, score, ape, ratio, norm_weight, rope_cos, rope_sin, kv_cache, cache_block_size, cache_slots, impl):
+    coff = _coff(ratio)
+    d = kv.shape[1] // coff
+    entries = kv.new_empty((kv.shape[0] // ratio, d), dtype=_entry_dtype(norm_weight))
+    return entries, kv.new_empty((coff * ratio, coff * d)), kv.new_empty((coff * ratio, coff * d))
+
+
+def compressor_prefill(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, ratio: int,
+                       norm_weight: torch.Tensor | None = None, rope_cos: torch.Tensor | None = None,
+                       rope_sin: torch.Tensor | None = None, kv_cache: torch.Tensor | None = None,
+                       cache_block_size: int = 64, cache_slots: torch.Tensor | None = None, *,
+                       impl: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Compress the S tokens of one sequence from position 0 and build its decode state (SPEC 2).
+
+    kv: [S, coff*d] fp32, the kv projections of tokens 0..S-1; coff = 2 for ratio 4, 1 for ratio 128;
+        d = 512 (attention compressor) or 128 (indexer compressor), inferred as kv.shape[1] // coff.
+    score: [S, coff*d] fp32, the gate projections (before the ape bias).
+    ape: [ratio, coff*d] fp32; token t's score gets ape[t mod ratio] (the score only, never kv).
+    ratio: 4 (overlapping windows) or 128. 0 and 1 mean no compression and are refused.
+    norm_weight: optional [d] fp32; with rope_cos and rope_sin (all three or none) it selects the fused
+        form: entries come back as compressor_norm_rope(entries, ..., positions j*ratio), bf16.
+    rope_cos, rope_sin: optional [P, 32] fp32 tables indexed by position, P > (S//ratio - 1) * ratio.
+    kv_cache: optional [pages, cache_block_size*584] uint8 FP8 cache (SPEC 1.2), only with the fused form
+        and d = 512. Entry j is stored in place at flat slot cache_slots[j] (page slot // cache_block_size,
+        row slot % cache_block_size); a negative slot skips the entry; other bytes are left as they were.
+        Non-negative slots must be distinct and < pages * cache_block_size (not checked: that would
+        read values).
+    cache_block_size: tokens per cache page, >= 1.
+    cache_slots: [S//ratio] int64, required with kv_cache and refused without it.
+    impl: run this implementation (only "reference" exists yet) or raise.
+    Returns (entries, kv_state, score_state):
+        entries: [S//ratio, d], fp32 (bf16 in the fused form). Entry j pools tokens [j*r, (j+1)*r) with a
+            per-channel softmax of score + ape; for ratio 4 it pools the A halves ([:d]) of block j-1 (none
+            for j = 0) and the B halves ([d:]) of block j.
+        kv_state, score_state: [coff*ratio, coff*d] fp32, the decode state after S tokens: ratio 4 rows
+            0:4 hold the last complete block (kv, score + ape), or kv 0 / score -inf when S < 4, and rows
+            4 .. 4 + S mod 4 the incomplete block; ratio 128 rows 0 .. S mod 128 the incomplete block.
+            The other rows (unspecified in SPEC 2) hold kv 0 / score -inf, as in compressor_init_state.
+    Edge cases: S = 0 gives [0, d] entries and a fresh state; S < ratio gives no entries. A score of -inf
+    gives its row weight 0; a channel whose pooled scores are all -inf comes out NaN (0 / 0). Equal
+    scores weigh their rows equally (no tie-breaking is involved).
+    Raises ValueError for a wrong ratio, dtype, shape, device or layout, or an inconsistent fused form,
+    before any launch (no check reads tensor values).
+    """
+    validate_prefill(kv, score, ape, ratio, norm_weight, rope_cos, rope_sin, kv_cache, cache_block_size,
+                     cache_slots)
+    return _compressor_prefill_op(kv, score, ape, ratio, norm_weight, rope_cos, rope_sin, kv_cache,
+                                  cache_block_size, cache_slots, impl or "")
+
+
+OP_DECODE = "compressor_decode"
+
+
+def validate_decode(kv_state, score_state, kv, score, ape, positions, ratio, slot_ids=None, norm_weight=None,
+                    rope_cos=None, rope_sin=None, kv_cache=None, cache_block_size=64, cache_slots=None) -> None:
+    coff = _ratio(ratio)
+    _checks.tensor("kv", kv, torch.float32, ndim=2)
+    d = _entry_width("kv", kv, ratio, coff)
+    batch = kv.shape[0]
+    _checks.tensor("kv_state", kv_state, torch.float32, ndim=3)
+    _checks.shape("kv_state", kv_state, (None, coff * ratio, coff * d))
+    _checks.tensor("score_state", score_state, torch.float32, ndim=3)
+    _checks.shape("score_state", score_state, tuple(kv_state.shape))
+    if batch > kv_state.shape[0]:
+        raise ValueError(f"kv: expected at most {kv_state.shape[0]} rows (one per state slot; slot ids are "
+                         f"distinct), got {batch}")
+    _checks.tensor("score", score, torch.float32, ndim=2)
+    _checks.shape("score", score, tuple(kv.shape))
+    _checks.tensor("ape", ape, torch.float32, ndim=2)
+    _checks.shape("ape", ape, (ratio, coff * d))
+    _checks.tensor("positions", positions, torch.int64, ndim=1)
+    _checks.shape("positions", positions, (batch,))
+    given = {}
+    if slot_ids is not None:
+        _checks.tensor("slot_ids", slot_ids, torch.int64, ndim=1)
+        _checks.shape("slot_ids", slot_ids, (batch,))
+        given["slot_ids"] = slot_ids
+    given.update(_fused(d, batch, norm_weight, rope_cos, rope_sin, kv_cache, cache_block_size, cache_slots))
+    _checks.same_device(kv=kv, kv_state=kv_state, score_state=score_state, score=score, ape=ape,
+                        positions=positions, **given)
+
+
+dispatch.register(Implementation(
+    OP_DECODE, "reference", "reference", _ALL_BACKENDS,
+    entry="dsv4_kernels.reference.compressor:compressor_decode", priority=0))
+
+
+@torch.library.custom_op("dsv4::compressor_decode", mutates_args=("kv_state", "score_state", "kv_cache"))
+def _compressor_decode_op(kv_state: torch.Tensor, score_state: torch.Tensor, kv: torch.Tensor,
+                          score: torch.Tensor, ape: torch.Tensor, positions: torch.Tensor, ratio: int,
+                          slot_ids: torch.Tensor | None, norm_weight: torch.Tensor | None,
+                          rope_cos: torch.Tensor | None, rope_sin: torch.Tensor | None,
+                          kv_cache: torch.Tensor | None, cache_block_size: int, cache_slots: torch.Tensor | None,
+                          impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return dispatch.call(OP_DECODE, kv_state, score_state, kv, score, ape, positions, ratio, slot_ids,
+                         norm_weight, rope_cos, rope_sin, kv_cache, cache_block_size, cache_slots,
+                         impl=impl or None)
+
+
+@_compressor_decode_op.register_fake
+def _(kv_state, score_state, kv, score, ape, positions, ratio, slot_ids, norm_weight, rope_cos, rope_sin,
+      kv_cache, cache_block_size, cache_slots, impl):
+    batch = kv.shape[0]
+    entries = kv.new_empty((batch, kv.shape[1] // _coff(ratio)), dtype=_entry_dtype(norm_weight))
+    return entries, kv.new_empty((batch,), dtype=torch.bool)
+
+
+def compressor_decode(kv_state: torch.Tensor, score_state: torch.Tensor, kv: torch.Tensor, score: torch.Tensor,
+                      ape: torch.Tensor, positions: torch.Tensor, ratio: int, slot_ids: torch.Tensor | None = None,
+                      norm_weight: torch.Tensor | None = None, rope_cos: torch.Tensor | None = None,
+                      rope_sin: torch.Tensor | None = None, kv_cache: torch.Tensor | None = None,
+                      cache_block_size: int = 64, cache_slots: torch.Tensor | None = None, *,
+                      impl: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode step for B sequences: each token goes into its state; a completed block emits an entry.
+
+    kv_state, score_state: [slots, coff*ratio, coff*d] fp32 (SPEC 2 layout, e.g. compressor_init_state
+        or a prefill's state stacked per slot), updated in place; slots >= B.
+    kv, score: [B, coff*d] fp32, this step's projections (score before the ape bias); d = 512 or 128.
+    ape: [ratio, coff*d] fp32.
+    positions: [B] int64 >= 0, the position p of each token in its sequence.
+    ratio: 4 or 128 (0 and 1 mean no compression and are refused).
+    slot_ids: optional [B] int64, distinct, in [0, slots): the state slot of each row; default arange(B).
+    norm_weight, rope_cos, rope_sin: the fused form as in compressor_prefill (RoPE at position p + 1 - r,
+        the first position of the emitted entry's block).
+    kv_cache, cache_block_size: the FP8 cache store as in compressor_prefill (fused form, d = 512).
+    cache_slots: [B] int64 flat cache slots, required with kv_cache; read only where a row emits, and a
+        negative slot skips the store.
+    impl: run this implementation (only "reference" exists yet) or raise.
+    Returns (entries, emitted):
+        entries: [B, d] fp32 (bf16 in the fused form): row b holds entry p // r where row b emits, zeros
+            elsewhere.
+        emitted: [B] bool, (p + 1) mod ratio == 0.
+    State update: row (4 if ratio == 4 else 0) + p mod ratio <- (kv, score + ape[p mod ratio]); on
+    emission ratio 128 pools rows 0:128; ratio 4 pools rows[0:4, :d] ++ rows[4:8, d:] and then copies rows
+    4:8 to rows 0:4 (rows 4:8 are unspecified until rewritten). Slots not named by slot_ids are untouched.
+    Edge cases: B = 0 gives [0, d] entries and [0] emitted and leaves the states alone. -inf scores as in
+    compressor_prefill (a fresh state's score -inf rows weigh nothing in the first ratio-4 entry). Duplicate or
+    out-of-range slot ids and negative positions are not checked (that would read values): results
+    are then unspecified.
+    Raises ValueError for a wrong ratio, dtype, shape, device or layout, or an inconsistent fused form,
+    before any launch; no check reads tensor values, so the step is CUDA-graph safe.
+    """
+    validate_decode(kv_state, score_state, kv, score, ape, positions, ratio, slot_ids, norm_weight, rope_cos,
+                    rope_sin, kv_cache, cache_block_size, cache_slots)
+    return _compressor_decode_op(kv_state, score_state, kv, score, ape, positions, ratio, slot_ids, norm_weight,
+                                 rope_cos, rope_sin, kv_cache, cache_block_size, cache_slots, impl or "")
+
+
+OP_NORM_ROPE = "compressor_norm_rope"
+
+
+def validate_norm_rope(entries, norm_weight, rope_cos, rope_sin, positions, eps=1e-6) -> None:
+    _checks.tensor("entries", entries, torch.float32, ndim=2)
+    d = entries.shape[1]
+    if d not in WIDTHS:
+        raise ValueError(f"entries: expected last dimension d = 512 or 128, got {d}")
+    _checks.tensor("norm_weight", norm_weight, torch.float32, ndim=1)
+    _checks.shape("norm_weight", norm_weight, (d,))
+    _checks.tensor("rope_cos", rope_cos, torch.float32, ndim=2)
+    _checks.shape("rope_cos", rope_cos, (None, ROPE_PAIRS))
+    _checks.tensor("rope_sin", rope_sin, torch.float32, ndim=2)
+    _checks.shape("rope_sin", rope_sin, tuple(rope_cos.shape))
+    _checks.tensor("positions", positions, torch.int64, ndim=1)
+    _checks.shape("positions", positions, (entries.shape[0],))
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps: expected a finite float >= 0, got {eps!r}")
+    _checks.same_device(entries=entries, norm_weight=norm_weight, rope_cos=rope_cos, rope_sin=rope_sin,
+                        positions=positions)
+
+
+dispatch.register(Implementation(
+    OP_NORM_ROPE, "reference", "reference", _ALL_BACKENDS,
+    entry="dsv4_kernels.reference.compressor:compressor_norm_rope", priority=0))
+
+
+@torch.library.custom_op("dsv4::compressor_norm_rope", mutates_args=())
+def _compressor_norm_rope_op(entries: torch.Tensor, norm_weight: torch.Tensor, rope_cos: torch.Tensor,
+                             rope_sin: torch.Tensor, positions: torch.Tensor, eps: float,
+                             impl: str) -> torch.Tensor:
+    return dispatch.call(OP_NORM_ROPE, entries, norm_weight, rope_cos, rope_sin, positions, eps,
+                         impl=impl or None)
+
+
+@_compressor_norm_rope_op.register_fake
+def _(entries, norm_weight, rope_cos, rope_sin, positions, eps, impl):
+    return entries.new_empty(entries.shape, dtype=torch.bfloat16)
+
+
+def compressor_norm_rope(entries: torch.Tensor, norm_weight: torch.Tensor, rope_cos: torch.Tensor,
+                         rope_sin: torch.Tensor, positions: torch.Tensor, eps: float = 1e-6, *,
+                         impl: str | None = None) -> torch.Tensor:
+    """RMSNorm then interleaved RoPE on the last 64 dims (SPEC 2, 6): the fused form's stage after pooling.
+
+    entries: [n, d] fp32 pooled entries, d = 512 or 128.
+    norm_weight: [d] fp32.
+    rope_cos, rope_sin: [P, 32] fp32 tables indexed by position (the same shape).
+    positions: [n] int64 in [0, P), the RoPE position of each entry (j*r for entry j); not checked
+        against P (that would read values).
+    eps: RMSNorm epsilon, a finite float >= 0.
+    impl: run this implementation (only "reference" exists yet) or raise.
+    Returns: [n, d] bf16. y = bf16(x * rsqrt(mean(x^2) + eps) * w) in fp32 math; the last 64 dims, as pairs
+        (y[2i], y[2i+1]), are rotated by the angle of their position in fp32 math on the bf16 values and
+        rounded to bf16. n = 0 gives [0, d]; an all-zero row with eps = 0 gives NaN.
+    Raises ValueError for a wrong dtype, shape, device, layout or eps, before any launch.
+    """
+    validate_norm_rope(entries, norm_weight, rope_cos, rope_sin, positions, eps)
+    return _compressor_norm_rope_op(entries, norm_weight, rope_cos, rope_sin, positions, float(eps), impl or "")
+
+
+OP_INDEXER = "indexer_cache_quantize"
+
+
+def validate_indexer(x) -> None:
+    _checks.tensor("x", x, torch.bfloat16, ndim=2)
+    _checks.shape("x", x, (None, INDEXER_D))
+
+
+dispatch.register(Implementation(
+    OP_INDEXER, "reference", "reference", _ALL_BACKENDS,
+    entry="dsv4_kernels.reference.compressor:indexer_cache_quantize", priority=0))
+
+
+@torch.library.custom_op("dsv4::indexer_cache_quantize", mutates_args=())
+def _indexer_cache_quantize_op(x: torch.Tensor, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return dispatch.call(OP_INDEXER, x, impl=impl or None)
+
+
+@_indexer_cache_quantize_op.register_fake
+def _(x, impl):
+    n = x.shape[0]
+    return x.new_empty((n, INDEXER_D // 2), dtype=torch.uint8), x.new_empty((n, INDEXER_D // 32), dtype=torch.uint8)
+
+
+def indexer_cache_quantize(x: torch.Tensor, *, impl: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The indexer's cache form of d = 128 entries (SPEC 2): Hadamard rotation (scale 128^-0.5), then MXFP4.
+
+    x: [n, 128] bf16, the indexer compressor's normed, RoPE'd entries (compressor_norm_rope output).
+    impl: run this implementation (only "reference" exists yet) or raise.
+    Returns (packed, scale):
+        packed: [n, 64] uint8, two e2m1 codes per byte, low nibble = even index.
+        scale: [n, 4] uint8 ue8m0 bytes, 2^ceil(log2(max(amax, 1e-4) / 6)) per block of 32 rotated values.
+    The rotation runs in fp32 on the bf16 values and is quantised without a bf16 rounding in between;
+    values round to the nearest e2m1 magnitude, ties to the even code, saturating at 6; the sign bit is
+    the IEEE sign (-0 gives code 8). n = 0 gives [0, 64] and [0, 4].
+    Raises ValueError for a wrong dtype, shape or layout, before any launch.
+    """
+    validate_indexer(x)
+    return _indexer_cache_quantize_op(x, impl or "")
+
+
+POOL_ATOL, POOL_RTOL = 2e-5, 1e-4     # SPEC 6, compressor pooling (fp32)
+# A prefill state is [coff*r, coff*d]: (8, 256), (8, 1024) for ratio 4, (128, 128), (128, 512) for ratio 128.
+# fp32 entries are [S//r, d] with d in {128, 512}: only S//r = 128 (S >= 16384) could look like a state,
+# and the prefill cases stay far below that.
+_STATE_SHAPES = {(8, 2 * d) for d in WIDTHS} | {(128, d) for d in WIDTHS}
+
+
+def _assert_equal(out: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    if out.shape != expected.shape or out.dtype != expected.dtype:
+        raise AssertionError(f"{what}: {out.dtype} {tuple(out.shape)} != expected {expected.dtype} "
+                             f"{tuple(expected.shape)}")
+    same = out == expected
+    if out.dtype.is_floating_point:
+        same |= out.isnan() & expected.isnan()
+    if not bool(same.all()):
+        pos = tuple(int(i) for i in (~same).nonzero()[0])
+        raise AssertionError(f"{what}: {int((~same).sum())} of {out.numel()} elements differ; first at {pos}: "
+                             f"actual {out[pos].item()} expected {expected[pos].item()}")
+
+
+def _assert_bf16_entries(out: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    """SPEC 6: bf16 outputs within two bf16 ulps of the expected value. On the 64 RoPE dims add one ulp of
+    the pair's magnitude: the normed bf16 value feeding RoPE may round the other way (fp32 vs fp64 or a
+    kernel's own order) and the rotation carries that ulp of its input into both outputs of the pair,
+    which can be far smaller than the input (cancellation). The rotation keeps the pair's magnitude, so
+    the expected output gives it. Non-finite values must sit at the same positions."""
+    if out.shape != expected.shape or out.dtype != expected.dtype:
+        raise AssertionError(f"{what}: {out.dtype} {tuple(out.shape)} != expected {expected.dtype} "
+                             f"{tuple(expected.shape)}")
+    assert_same_nonfinite(out, expected, what)
+    a, e = out.double(), expected.double()
+    bound = 2 * bf16_ulp(expected).double()
+    if e.dim() == 2 and e.shape[1] in WIDTHS:
+        pair = e[:, -64:].reshape(-1, ROPE_PAIRS, 2).norm(dim=-1).repeat_interleave(2, dim=-1)
+        bound[:, -64:] += bf16_ulp(pair.float()).double()
+    bad = e.isfinite() & ((a - e).abs() > bound)
+    if bool(bad.any()):
+        pos = tuple(int(i) for i in bad.nonzero()[0])
+        raise AssertionError(f"{what}: {int(bad.sum())} of {a.numel()} elements beyond two bf16 ulps; first at "
+                             f"{pos}: actual {a[pos].item():.8g} expected {e[pos].item():.8g}")
+
+
+def _compare(out: torch.Tensor, expected: torch.Tensor) -> None:
+    """One rule per output kind:
+    - bool (emitted) and uint8 (the indexer's FP4 codes and ue8m0 scales): exact. emitted is integer
+      arithmetic. The bytes are a step function of the rotated fp32 values; an implementation that
+      rotates in fp32 differs from the reference (exact sum, one rounding) by a few fp32 ulps, which
+      moves a code or a scale only when a value sits within those ulps of an e2m1 midpoint or a block
+      amax of 6 * 2^k (about 1e-6 per value for realistic data): exact is the right check.
+    - bf16 entries (fused form, compressor_norm_rope): two bf16 ulps (SPEC 6), see _assert_bf16_entries.
+    - fp32 entries: SPEC 6 pooling tolerance, atol 2e-5 + rtol 1e-4: kernels pool in fp32 with their own
+      reduction order and exp; the reference pools in fp64 and rounds once.
+    """
+    if out.dtype != expected.dtype:
+        raise AssertionError(f"dtype {out.dtype} != expected {expected.dtype}")
+    if expected.dtype in (torch.bool, torch.uint8, torch.int32, torch.int64):
+        _assert_equal(out, expected, "ids/bytes")
+    elif expected.dtype == torch.bfloat16:
+        _assert_bf16_entries(out, expected, "bf16 entries")
+    else:
+        assert_close(out, expected, atol=POOL_ATOL, rtol=POOL_RTOL, what="fp32 entries")
+
+
+def _compare_prefill(out: torch.Tensor, expected: torch.Tensor) -> None:
+    """As _compare, and the fp32 states exactly: every specified state value is a copy of an input row
+    or one fp32 addition score + ape (correctly rounded, so identical in every implementation), and this
+    op defines the rows SPEC 2 leaves unspecified as those of a fresh state (kv 0, score -inf), so a
+    kernel may not hand back uninitialised memory there. -inf positions must match as well."""
+    if expected.dtype == torch.float32 and tuple(expected.shape) in _STATE_SHAPES:
+        _assert_equal(out, expected, "state")
+    else:
+        _compare(out, expected)
+
+
+def _prefill_inputs(seq_len: int, ratio: int, d: int, device) -> tuple[torch.Tensor, ...]:
+    """Realistic projections: kv of order 1, gate scores and ape of order a few."""
+    width = _coff(ratio) * d
+    kv = torch.randn(seq_len, width, device=device)
+    score = 2.0 * torch.randn(seq_len, width, device=device)
+    ape = 0.5 * torch.randn(ratio, width, device=device)
+    return kv, score, ape
+
+
+def _rope(num_positions: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain RoPE tables (theta 10000) for the sample cases: angle p * 10000^(-i/32), i < 32."""
+    angles = torch.outer(torch.arange(num_positions, dtype=torch.float64),
+                         10000.0 ** (-torch.arange(ROPE_PAIRS, dtype=torch.float64) / ROPE_PAIRS))
+    return angles.cos().float().to(device), angles.sin().float().to(device)
+
+
+def _prefill_cases(device: torch.device) -> list[tuple[str, tuple, dict]]:
+    """V4-Flash and V4-Pro share the compressor shapes (d = 512 attention, d = 128 indexer; ratios 4 and
+    128), so the cases span d x ratio with S = 0, 5 and one length past a block boundary (13 for ratio 4,
+    130 for ratio 128), plus the fused form with the FP8 cache (d = 512)."""
+    cases = []
+    for ratio in RATIOS:
+        for d in WIDTHS:
+            for seq_len in (0, 5, 13 if ratio == 4 else 130):
+                kind = "csa" if ratio == 4 else "hca"
+                args = (*_prefill_inputs(seq_len, ratio, d, device), ratio)
+                cases.append((f"{kind}-r{ratio}-d{d}-S{seq_len}", args, {}))
+    for ratio, seq_len in ((4, 13), (128, 130)):
+        kv, score, ape = _prefill_inputs(seq_len, ratio, 512, device)
+        n, block = seq_len // ratio, 16
+        cos, sin = _rope(seq_len, device)
+        pages = torch.zeros(2, block * KV_TOKEN_BYTES, dtype=torch.uint8, device=device)
+        slots = torch.randperm(2 * block, device=device)[:n]
+        weight = 1.0 + 0.2 * torch.randn(512, device=device)
+        cases.append((f"fused-fp8-cache-r{ratio}-d512-S{seq_len}",
+                      (kv, score, ape, ratio, weight, cos, sin, pages, block, slots), {}))
+    return cases
+
+
+def _decode_state(ratio: int, d: int, lengths: tuple[int, ...], slot_ids: torch.Tensor, slots: int, device):
+    """States [slots, ...] with slot slot_ids[b] holding the prefill of lengths[b] tokens, plus this step's
+    kv/score/ape rows (token lengths[b] of the same sequence). Ratio-4 rows that emit get the A halves
+    (kv and score, so also score + ape) of their current block equal to those of the previous block
+    (see _decode_cases)."""
+    coff, width = _coff(ratio), _coff(ratio) * d
+    kv_state, score_state = compressor_init_state(ratio, d, slots=slots, device=device)
+    ape = 0.5 * torch.randn(ratio, width, device=device)
+    step_kv = torch.empty(len(lengths), width, device=device)
+    step_score = torch.empty(len(lengths), width, device=device)
+    for b, seq_len in enumerate(lengths):
+        kv, score, _ = _prefill_inputs(seq_len + 1, ratio, d, device)
+        end = seq_len + 1
+        if coff == 2 and end % ratio == 0 and end >= 2 * ratio:
+            kv[end - ratio:end, :d] = kv[end - 2 * ratio:end - ratio, :d]
+            score[end - ratio:end, :d] = score[end - 2 * ratio:end - ratio, :d]
+        _, kvs, scs = compressor_prefill(kv[:seq_len], score[:seq_len], ape, ratio, impl="reference")
+        kv_state[slot_ids[b]] = kvs
+        score_state[slot_ids[b]] = scs
+        step_kv[b], step_score[b] = kv[seq_len], score[seq_len]
+    positions = torch.tensor(lengths, dtype=torch.int64, device=device)
+    return kv_state, score_state, step_kv, step_score, ape, positions
+
+
+def _decode_cases(device: torch.device) -> list[tuple[str, tuple, dict]]:
+    """Fresh states per call, built by prefills of different lengths into permuted slots.
+
+    The ladder hands the expected side (oracle or reference) the same state tensors after the
+    implementation under test has updated them in place (on a device, a CPU copy of the updated
+    states). The cases are therefore built so that applying the same step twice gives the same outputs:
+    writing a token's row twice is idempotent, ratio 128 pools the rows it has just written, and each
+    ratio-4 slot that emits (never entry 0, whose previous rows are the initial ones) is prepared so
+    that the A halves of its current block equal those of the previous block (the shift rows[0:4] <-
+    rows[4:8] then leaves the pooled rows as they were). The B halves, which tell the blocks apart, stay
+    random. The state updates themselves are tested in tests/compressor/test_compressor_ops.py.
+    """
+    slot_ids = torch.tensor([3, 0, 2], dtype=torch.int64, device=device)
+    cases = []
+    for ratio, d, lengths, label in ((128, 512, (127, 257, 0), "hca-r128-d512"),
+                                     (4, 512, (7, 5, 11), "csa-r4-d512"),
+                                     (4, 128, (11, 0, 7), "indexer-r4-d128")):
+        args = _decode_state(ratio, d, lengths, slot_ids, 4, device)
+        cases.append((f"{label}-B3-permuted-slots", (*args, ratio, slot_ids), {}))
+    args = _decode_state(128, 512, (255, 3, 383), slot_ids, 4, device)
+    cos, sin = _rope(384, device)
+    weight = 1.0 + 0.2 * torch.randn(512, device=device)
+    pages = torch.zeros(3, 16 * KV_TOKEN_BYTES, dtype=torch.uint8, device=device)
+    cache_slots = torch.tensor([17, 40, 2], dtype=torch.int64, device=device)
+    cases.append(("fused-fp8-cache-r128-d512-B3",
+                  (*args, 128, slot_ids, weight, cos, sin, pages, 16, cache_slots), {}))
+    kv_state, score_state = compressor_init_state(4, 512, slots=2, device=device)
+    cases.append(("zero-tokens", (kv_state, score_state, torch.zeros(0, 1024, device=device),
+                                  torch.zeros(0, 1024, device=device), torch.zeros(4, 1024, device=device),
+                                  torch.zeros(0, dtype=torch.int64, device=device), 4), {}))
+    return cases
+
+
+def _norm_rope_cases(device: torch.device) -> list[tuple[str, tuple, dict]]:
+    cos, sin = _rope(300, device)
+    cases = []
+    for label, n, d in (("attn-n3-d512", 3, 512), ("indexer-n5-d128", 5, 128), ("zero-entries", 0, 512)):
+        positions = torch.randint(0, 300, (n,), device=device)
+        cases.append((label, (0.3 * torch.randn(n, d, device=device), 1.0 + 0.2 * torch.randn(d, device=device),
+                              cos, sin, positions), {}))
+    return cases
+
+
+def _indexer_cases(device: torch.device) -> list[tuple[str, tuple, dict]]:
+    """Normed entries are of order 1; row 0 of n7 is all zeros (the 1e-4 amax floor) and row 1 has one
+    block of -0 and tiny values (codes 8 and 0)."""
+    x = torch.randn(7, INDEXER_D, device=device)
+    x[0] = 0.0
+    x[1, :32] = -0.0
+    x[1, 32:64] = 1e-6 * torch.randn(32, device=device)
+    return [("n7", (x.to(torch.bfloat16),), {}),
+            ("n1", (torch.randn(1, INDEXER_D, device=device).to(torch.bfloat16),), {}),
+            ("zero-entries", (torch.zeros(0, INDEXER_D, dtype=torch.bfloat16, device=device),), {})]
+
+
+register_check(OpCheck(OP_PREFILL, _prefill_cases, _compare_prefill, oracle=oracle.compressor_prefill))
+register_check(OpCheck(OP_DECODE, _decode_cases, _compare, oracle=oracle.compressor_decode))
+register_check(OpCheck(OP_NORM_ROPE, _norm_rope_cases, _compare, oracle=oracle.compressor_norm_rope))
+register_check(OpCheck(OP_INDEXER, _indexer_cases, _compare, oracle=oracle.indexer_cache_quantize))

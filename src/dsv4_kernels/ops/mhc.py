@@ -1,0 +1,403 @@
+"""mHC ops (SPEC 4, SPEC 7 "mHC"): mhc_sinkhorn, mhc_pre, mhc_post, mhc_head, and mhc_post_pre (the
+fused post + pre of consecutive sites used at decode).
+
+The residual state X is [T, 4, dim] bf16 (hc_mult = 4 streams); a mixing site has hc_fn [24, 4 * dim],
+hc_scale [3] and hc_base [24], all fp32 (the head site: [4, 4 * dim], [1], [4]). Only the reference
+implementation exists so far.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dsv4_kernels import dispatch
+from dsv4_kernels.dispatch import Implementation
+from dsv4_kernels.ladder import OpCheck, register_check
+from dsv4_kernels.oracles import mhc as oracle
+from dsv4_kernels.ops import _checks
+from dsv4_kernels.testing import assert_close, assert_same_nonfinite, bf16_ulp
+
+HC_MULT = 4
+MIX_ROWS = (2 + HC_MULT) * HC_MULT  # 24: pre gates, post gates, the 4 x 4 comb logits
+OPS = ("mhc_sinkhorn", "mhc_pre", "mhc_post", "mhc_head", "mhc_post_pre")
+
+# Sinkhorn outputs (pre, post, comb) are fp32: SPEC 6 gives atol 2e-5 + rtol 1e-4. Twenty fp32 row and
+# column normalisations of 4-term sums drift by a few fp32 ulps per step; one normalisation step more
+# or less is far outside this.
+SK_ATOL, SK_RTOL = 2e-5, 1e-4
+# bf16 outputs (y, X'): SPEC 6 gives two bf16 ulps of the expected value. The outputs are sums of 4 or
+# 5 fp32 products of gates and bf16 values; where the terms cancel, implementations differ by the fp32
+# rounding of gates and products, a few 2^-24 of sum |terms| (at most about 4 * max|y|). The floor
+# 2^-16 * max|expected| covers that with margin and only loosens elements below max|expected| / 512,
+# where two bf16 ulps are smaller than the floor.
+BF16_ULPS, BF16_FLOOR = 2, 2.0 ** -16
+
+
+def _int_at_least(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name}: expected an int >= {low}, got {type(value).__name__} {value!r}")
+    if value < low:
+        raise ValueError(f"{name}: expected an int >= {low}, got {value}")
+
+
+def _positive_float(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name}: expected a positive finite float, got {value!r}")
+
+
+def _residual(name: str, x, T: int | None = None) -> tuple[int, int]:
+    _checks.tensor(name, x, torch.bfloat16, ndim=3)
+    _checks.shape(name, x, (T, HC_MULT, None))
+    if x.shape[2] < 1:
+        raise ValueError(f"{name}: expected shape (T, {HC_MULT}, dim) with dim >= 1, got {tuple(x.shape)}")
+    return x.shape[0], x.shape[2]
+
+
+def _site(hc_fn, hc_scale, hc_base, dim: int, rows: int, scales: int) -> None:
+    _checks.tensor("hc_fn", hc_fn, torch.float32)
+    _checks.shape("hc_fn", hc_fn, (rows, HC_MULT * dim))
+    _checks.tensor("hc_scale", hc_scale, torch.float32)
+    _checks.shape("hc_scale", hc_scale, (scales,))
+    _checks.tensor("hc_base", hc_base, torch.float32)
+    _checks.shape("hc_base", hc_base, (rows,))
+
+
+def _gates(f, x, post, comb) -> tuple[int, int]:
+    T, dim = _residual("x", x)
+    _checks.tensor("f", f, torch.bfloat16)
+    _checks.shape("f", f, (T, dim))
+    _checks.tensor("post", post, torch.float32)
+    _checks.shape("post", post, (T, HC_MULT))
+    _checks.tensor("comb", comb, torch.float32)
+    _checks.shape("comb", comb, (T, HC_MULT, HC_MULT))
+    return T, dim
+
+
+def validate_sinkhorn(mixes, hc_scale, hc_base, hc_mult, iters, eps) -> None:
+    if isinstance(hc_mult, bool) or not isinstance(hc_mult, int):
+        raise ValueError(f"hc_mult: expected one of {HC_MULT}, got {type(hc_mult).__name__} {hc_mult!r}")
+    _checks.one_of("hc_mult", hc_mult, (HC_MULT,))
+    _checks.tensor("mixes", mixes, torch.float32)
+    _checks.shape("mixes", mixes, (None, MIX_ROWS))
+    _checks.tensor("hc_scale", hc_scale, torch.float32)
+    _checks.shape("hc_scale", hc_scale, (3,))
+    _checks.tensor("hc_base", hc_base, torch.float32)
+    _checks.shape("hc_base", hc_base, (MIX_ROWS,))
+    _checks.same_device(mixes=mixes, hc_scale=hc_scale, hc_base=hc_base)
+    _int_at_least("iters", iters, 1)
+    _positive_float("eps", eps)
+
+
+def validate_pre(x, hc_fn, hc_scale, hc_base, iters, eps, norm_eps) -> None:
+    _, dim = _residual("x", x)
+    _site(hc_fn, hc_scale, hc_base, dim, MIX_ROWS, 3)
+    _checks.same_device(x=x, hc_fn=hc_fn, hc_scale=hc_scale, hc_base=hc_base)
+    _int_at_least("iters", iters, 1)
+    _positive_float("eps", eps)
+    _positive_float("norm_eps", norm_eps)
+
+
+def validate_post(f, x, post, comb) -> None:
+    _gates(f, x, post, comb)
+    _checks.same_device(x=x, f=f, post=post, comb=comb)
+
+
+def validate_head(x, hc_fn, hc_scale, hc_base, eps, norm_eps) -> None:
+    _, dim = _residual("x", x)
+    _site(hc_fn, hc_scale, hc_base, dim, HC_MULT, 1)
+    _checks.same_device(x=x, hc_fn=hc_fn, hc_scale=hc_scale, hc_base=hc_base)
+    _positive_float("eps", eps)
+    _positive_float("norm_eps", norm_eps)
+
+
+def validate_post_pre(f, x, post, comb, hc_fn, hc_scale, hc_base, iters, eps, norm_eps) -> None:
+    _, dim = _gates(f, x, post, comb)
+    _site(hc_fn, hc_scale, hc_base, dim, MIX_ROWS, 3)
+    _checks.same_device(x=x, f=f, post=post, comb=comb, hc_fn=hc_fn, hc_scale=hc_scale, hc_base=hc_base)
+    _int_at_least("iters", iters, 1)
+    _positive_float("eps", eps)
+    _positive_float("norm_eps", norm_eps)
+
+
+for _op in OPS:
+    dispatch.register(Implementation(
+        _op, "reference", "reference", ("cpu", "cuda", "rocm", "ascend"),
+        entry=f"dsv4_kernels.reference.mhc:{_op}", priority=0))
+
+
+def _fake_gates(like: torch.Tensor, T, m) -> tuple[torch.Tensor, torch.Tensor]:
+    return like.new_empty((T, m), dtype=torch.float32), like.new_empty((T, m, m), dtype=torch.float32)
+
+
+@torch.library.custom_op("dsv4::mhc_sinkhorn", mutates_args=())
+def _mhc_sinkhorn_op(mixes: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Tensor, hc_mult: int, iters: int,
+                     eps: float, impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return dispatch.call("mhc_sinkhorn", mixes, hc_scale, hc_base, hc_mult, iters, eps, impl=impl or None)
+
+
+@_mhc_sinkhorn_op.register_fake
+def _(mixes, hc_scale, hc_base, hc_mult, iters, eps, impl):
+    T = mixes.shape[0]
+    return (mixes.new_empty((T, hc_mult), dtype=torch.float32), *_fake_gates(mixes, T, hc_mult))
+
+
+@torch.library.custom_op("dsv4::mhc_pre", mutates_args=())
+def _mhc_pre_op(x: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Tensor, iters: int,
+                eps: float, norm_eps: float, impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return dispatch.call("mhc_pre", x, hc_fn, hc_scale, hc_base, iters, eps, norm_eps, impl=impl or None)
+
+
+@_mhc_pre_op.register_fake
+def _(x, hc_fn, hc_scale, hc_base, iters, eps, norm_eps, impl):
+    T, m, dim = x.shape
+    return (x.new_empty((T, dim), dtype=torch.bfloat16), *_fake_gates(x, T, m))
+
+
+@torch.library.custom_op("dsv4::mhc_post", mutates_args=())
+def _mhc_post_op(f: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor, impl: str) -> torch.Tensor:
+    return dispatch.call("mhc_post", f, x, post, comb, impl=impl or None)
+
+
+@_mhc_post_op.register_fake
+def _(f, x, post, comb, impl):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("dsv4::mhc_head", mutates_args=())
+def _mhc_head_op(x: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Tensor, eps: float,
+                 norm_eps: float, impl: str) -> torch.Tensor:
+    return dispatch.call("mhc_head", x, hc_fn, hc_scale, hc_base, eps, norm_eps, impl=impl or None)
+
+
+@_mhc_head_op.register_fake
+def _(x, hc_fn, hc_scale, hc_base, eps, norm_eps, impl):
+    return x.new_empty((x.shape[0], x.shape[2]), dtype=torch.bfloat16)
+
+
+@torch.library.custom_op("dsv4::mhc_post_pre", mutates_args=())
+def _mhc_post_pre_op(f: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor, hc_fn: torch.Tensor,
+                     hc_scale: torch.Tensor, hc_base: torch.Tensor, iters: int, eps: float, norm_eps: float,
+                     impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return dispatch.call("mhc_post_pre", f, x, post, comb, hc_fn, hc_scale, hc_base, iters, eps, norm_eps,
+                         impl=impl or None)
+
+
+@_mhc_post_pre_op.register_fake
+def _(f, x, post, comb, hc_fn, hc_scale, hc_base, iters, eps, norm_eps, impl):
+    T, m, dim = x.shape
+    return (x.new_empty(x.shape),
+            x.new_empty((T, dim), dtype=torch.bfloat16), *_fake_gates(x, T, m))
+
+
+def mhc_sinkhorn(mixes: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Tensor, hc_mult: int = 4,
+                 iters: int = 20, eps: float = 1e-6, *,
+                 impl: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split the mixes into the pre and post gates and the Sinkhorn-normalised combination matrix.
+
+    mixes: [T, 24] fp32, contiguous: the RMS-scaled projection of a site (4 pre, 4 post, 16 comb
+        logits, the comb block row-major). T may be 0.
+    hc_scale: [3] fp32, contiguous, same device: scales of the pre, post and comb parts.
+    hc_base: [24] fp32, contiguous, same device: biases, laid out like mixes.
+    hc_mult: the number of residual streams; only 4 (V4) is supported.
+    iters: int >= 1: 1 softmax, `iters` column and `iters - 1` row normalisations, ending on a column
+        step (20 in V4).
+    eps: positive finite float (hc_eps, 1e-6 in V4).
+    impl: run this implementation ("reference") or raise.
+    Returns (pre [T, 4], post [T, 4], comb [T, 4, 4]), all fp32:
+        pre = sigmoid(mixes[:, 0:4] * hc_scale[0] + hc_base[0:4]) + eps;
+        post = 2 * sigmoid(mixes[:, 4:8] * hc_scale[1] + hc_base[4:8]);
+        comb[t, i, j] (i = source stream, j = destination): the row softmax of the comb logits plus eps,
+            then alternating column and row divisions by (sum + eps). comb >= 0 and its columns sum to
+            1 within about eps; rows only approach 1.
+    Edge cases: T = 0 gives empty outputs. Values are not checked (no host read-back); NaN propagates.
+    Raises ValueError for a wrong dtype, shape, device or layout, hc_mult other than 4, iters < 1 or a
+    non-positive or non-finite eps.
+    """
+    validate_sinkhorn(mixes, hc_scale, hc_base, hc_mult, iters, eps)
+    return _mhc_sinkhorn_op(mixes, hc_scale, hc_base, hc_mult, iters, float(eps), impl or "")
+
+
+def mhc_pre(x: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Tensor, iters: int = 20,
+            eps: float = 1e-6, norm_eps: float = 1e-6, *,
+            impl: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reduce the 4 residual streams to one sublayer input, and give the gates for mhc_post.
+
+    x: [T, 4, dim] bf16, contiguous: the residual state (dim = 4096 V4-Flash, 7168 V4-Pro; any dim >= 1).
+        T may be 0.
+    hc_fn: [24, 4 * dim] fp32, contiguous, same device: the site's projection.
+    hc_scale: [3] fp32; hc_base: [24] fp32: as in mhc_sinkhorn.
+    iters, eps: as in mhc_sinkhorn.
+    norm_eps: positive finite float added to mean(xf^2) before the rsqrt (1e-6).
+    impl: run this implementation ("reference") or raise.
+    Returns:
+        y [T, dim] bf16 = sum_i pre[:, i] * x[:, i, :] (fp32, rounded once);
+        post [T, 4] fp32 and comb [T, 4, 4] fp32: mhc_sinkhorn of
+            mixes = (xf @ hc_fn.T) * rsqrt(mean(xf^2) + norm_eps), xf = x.flatten(-2).float().
+    Edge cases: T = 0 gives empty outputs; an all-zero token has mixes 0 (norm_eps keeps the rsqrt
+    finite), gates from the biases alone and y = 0.
+    Raises ValueError for a wrong dtype, shape (x.shape[1] != 4, dim = 0, hc_fn not [24, 4 * dim], ...),
+    device or layout, iters < 1, or a non-positive or non-finite eps or norm_eps.
+    """
+    validate_pre(x, hc_fn, hc_scale, hc_base, iters, eps, norm_eps)
+    return _mhc_pre_op(x, hc_fn, hc_scale, hc_base, iters, float(eps), float(norm_eps), impl or "")
+
+
+def mhc_post(f: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor, *,
+             impl: str | None = None) -> torch.Tensor:
+    """Write a sublayer output back into the 4 residual streams.
+
+    f: [T, dim] bf16, contiguous: the sublayer output F. T may be 0.
+    x: [T, 4, dim] bf16, contiguous: the residual state the sublayer's mhc_pre read.
+    post: [T, 4] fp32 and comb: [T, 4, 4] fp32, contiguous: the gates mhc_pre returned;
+        comb[t, i, j] with i = source stream, j = destination stream.
+    All on one device. impl: run this implementation ("reference") or raise.
+    Returns: X' [T, 4, dim] bf16, X'[:, j] = post[:, j] * F + sum_i comb[:, i, j] * X[:, i] in fp32,
+        rounded once. A new tensor (x is not updated in place).
+    Edge cases: T = 0 gives an empty output; comb = identity and post = 0 return x unchanged.
+    Raises ValueError for a wrong dtype, shape, device or layout.
+    """
+    validate_post(f, x, post, comb)
+    return _mhc_post_op(f, x, post, comb, impl or "")
+
+
+def mhc_head(x: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Tensor, eps: float = 1e-6,
+             norm_eps: float = 1e-6, *, impl: str | None = None) -> torch.Tensor:
+    """Collapse the 4 streams once, before the final norm and the LM head (and in the MTP layer).
+
+    x: [T, 4, dim] bf16, contiguous. T may be 0.
+    hc_fn: [4, 4 * dim] fp32; hc_scale: [1] fp32; hc_base: [4] fp32; contiguous, same device.
+    eps: positive finite float added to the sigmoid gate (1e-6).
+    norm_eps: positive finite float added to mean(xf^2) before the rsqrt (1e-6).
+    impl: run this implementation ("reference") or raise.
+    Returns: y [T, dim] bf16 = sum_i pre[:, i] * x[:, i, :], pre = sigmoid(mixes * hc_scale[0] + hc_base)
+        + eps with mixes the RMS-scaled projection of mhc_pre; no Sinkhorn.
+    Edge cases: T = 0 gives an empty output; an all-zero token gives y = 0.
+    Raises ValueError for a wrong dtype, shape, device or layout, or a non-positive or non-finite eps
+    or norm_eps.
+    """
+    validate_head(x, hc_fn, hc_scale, hc_base, eps, norm_eps)
+    return _mhc_head_op(x, hc_fn, hc_scale, hc_base, float(eps), float(norm_eps), impl or "")
+
+
+def mhc_post_pre(f: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor, hc_fn: torch.Tensor,
+                 hc_scale: torch.Tensor, hc_base: torch.Tensor, iters: int = 20, eps: float = 1e-6,
+                 norm_eps: float = 1e-6, *,
+                 impl: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused decode step: mhc_post of the previous sublayer, then mhc_pre of the next site.
+
+    f, x, post, comb: the inputs of mhc_post (shapes and dtypes there).
+    hc_fn [24, 4 * dim], hc_scale [3], hc_base [24], iters, eps, norm_eps: the site inputs of mhc_pre for
+        the next sublayer. All tensors contiguous and on one device. T may be 0.
+    impl: run this implementation ("reference") or raise.
+    Returns (x_new [T, 4, dim] bf16, y [T, dim] bf16, post_new [T, 4] fp32, comb_new [T, 4, 4] fp32):
+        x_new = mhc_post(f, x, post, comb); (y, post_new, comb_new) = mhc_pre(x_new, hc_fn, ...), reading
+        x_new after its rounding to bf16, so the result equals the two ops applied in turn.
+    Edge cases: as mhc_post and mhc_pre.
+    Raises ValueError for any argument mhc_post or mhc_pre would refuse.
+    """
+    validate_post_pre(f, x, post, comb, hc_fn, hc_scale, hc_base, iters, eps, norm_eps)
+    return _mhc_post_pre_op(f, x, post, comb, hc_fn, hc_scale, hc_base, iters, float(eps), float(norm_eps),
+                            impl or "")
+
+
+def assert_bf16_close(actual: torch.Tensor, expected: torch.Tensor, what: str = "output") -> None:
+    """|actual - expected| <= 2 bf16 ulps of expected + 2^-16 * max|expected|, same inf/NaN positions."""
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{what}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+    assert_same_nonfinite(actual, expected, what)
+    a, e = actual.double(), expected.double()
+    finite = e.isfinite()
+    if not finite.any():
+        return
+    err = torch.where(finite, (a - e).abs(), torch.zeros_like(a))
+    bound = BF16_ULPS * bf16_ulp(expected).double() + BF16_FLOOR * e[finite].abs().max()
+    bad = finite & (err > bound)
+    if bad.any():
+        ratio = torch.where(bad, err / bound, torch.zeros_like(err))
+        pos = tuple(int(i) for i in (ratio == ratio.max()).nonzero()[0])
+        raise AssertionError(f"{what}: {int(bad.sum())} of {a.numel()} elements beyond {BF16_ULPS} bf16 ulps; worst "
+                             f"at {pos}: actual {a[pos].item():.8g} expected {e[pos].item():.8g}")
+
+
+def _compare(out: torch.Tensor, expected: torch.Tensor) -> None:
+    if out.dtype != expected.dtype:
+        raise AssertionError(f"dtype {out.dtype} != expected {expected.dtype}")
+    if expected.dtype == torch.bfloat16:
+        assert_bf16_close(out, expected, "bf16 output")
+    else:
+        assert_close(out, expected, SK_ATOL, SK_RTOL, "fp32 gates")
+
+
+FLASH_DIM, PRO_DIM, ODD_DIM = 4096, 7168, 100
+SHAPES = (("flash", FLASH_DIM, 0), ("flash", FLASH_DIM, 3), ("pro", PRO_DIM, 1), ("pro", PRO_DIM, 3),
+          ("odd", ODD_DIM, 3))
+
+
+def _site_weights(dim: int, device, rows: int = MIX_ROWS, comb_scale: float = 2.0):
+    """hc_fn rows of unit norm, so the RMS-scaled mixes are of order 1, as in the model."""
+    hc_fn = torch.randn(rows, HC_MULT * dim, device=device) / math.sqrt(HC_MULT * dim)
+    hc_scale = torch.tensor([0.5, 0.5, comb_scale] if rows == MIX_ROWS else [0.8], device=device)
+    return hc_fn, hc_scale, 0.5 * torch.randn(rows, device=device)
+
+
+def _residual_state(T: int, dim: int, device) -> torch.Tensor:
+    return torch.randn(T, HC_MULT, dim, device=device).to(torch.bfloat16)
+
+
+def _sinkhorn_cases(device: torch.device) -> list[tuple[str, tuple, dict]]:
+    # V4-Flash and V4-Pro share this op's shape (hc_mult 4, 20 iterations, hc_eps 1e-6).
+    cases = []
+    base = 0.5 * torch.randn(MIX_ROWS, device=device)
+    for T in (0, 1, 3, 100):
+        cases.append((f"v4-T{T}", (torch.randn(T, MIX_ROWS, device=device),
+                                   torch.tensor([0.5, 0.5, 2.0], device=device), base), {}))
+    mixes = torch.randn(5, MIX_ROWS, device=device)
+    cases.append(("large-comb-logits-T5", (mixes, torch.tensor([0.5, 0.5, 10.0], device=device), base), {}))
+    cases.append(("iters1-T5", (mixes, torch.tensor([1.0, 1.0, 3.0], device=device), base), {"iters": 1}))
+    cases.append(("iters7-eps1e-3-T5", (mixes, torch.tensor([1.0, 1.0, 3.0], device=device), base),
+                  {"iters": 7, "eps": 1e-3}))
+    return cases
+
+
+def _pre_cases(device: torch.device) -> list[tuple[str, tuple, dict]]:
+    cases = [(f"{model}-dim{dim}-T{T}", (_residual_state(T, dim, device), *_site_weights(dim, device)), {})
+             for model, dim, T in SHAPES]
+    cases.append(("flash-T3-iters7-eps", (_residual_state(3, FLASH_DIM, device), *_site_weights(FLASH_DIM, device)),
+                  {"iters": 7, "eps": 1e-5, "norm_eps": 1e-4}))
+    return cases
+
+
+def _gate_inputs(T: int, dim: int, device) -> tuple[torch.Tensor, ...]:
+    f = torch.randn(T, dim, device=device).to(torch.bfloat16)
+    post = 2 * torch.rand(T, HC_MULT, device=device)
+    comb = torch.rand(T, HC_MULT, HC_MULT, device=device)
+    return f, _residual_state(T, dim, device), post, comb / comb.sum(dim=1, keepdim=True)
+
+
+def _post_cases(device: torch.device) -> list[tuple[str, tuple, dict]]:
+    return [(f"{model}-dim{dim}-T{T}", _gate_inputs(T, dim, device), {}) for model, dim, T in SHAPES]
+
+
+def _head_cases(device: torch.device) -> list[tuple[str, tuple, dict]]:
+    return [(f"{model}-dim{dim}-T{T}", (_residual_state(T, dim, device), *_site_weights(dim, device, rows=HC_MULT)),
+             {}) for model, dim, T in SHAPES]
+
+
+def _post_pre_cases(device: torch.device) -> list[tuple[str, tuple, dict]]:
+    # y depends on the bf16 rounding of x_new: an implementation whose fp32 sum lands on the other side
+    # of a rounding boundary moves y by pre_i * ulp(x_new_i), beyond two ulps of a small y. Inputs here
+    # are dyadic (f, x: k/16 with |k| <= 128; post: k/32; comb: k/64), so every product and sum of
+    # mhc_post is exact in fp32 and x_new is the same for every correct implementation.
+    cases = []
+    for model, dim, T in SHAPES:
+        f, x, post, comb = _gate_inputs(T, dim, device)
+        f = ((f.float() * 16).round().clamp(-128, 128) / 16).to(torch.bfloat16)
+        x = ((x.float() * 16).round().clamp(-128, 128) / 16).to(torch.bfloat16)
+        post, comb = (post * 32).round() / 32, (comb * 64).round() / 64
+        cases.append((f"{model}-dim{dim}-T{T}", (f, x, post, comb, *_site_weights(dim, device)), {}))
+    return cases
+
+
+for _op, _cases in zip(OPS, (_sinkhorn_cases, _pre_cases, _post_cases, _head_cases, _post_pre_cases)):
+    register_check(OpCheck(_op, _cases, _compare, oracle=getattr(oracle, _op)))

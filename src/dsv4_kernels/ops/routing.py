@@ -1,0 +1,238 @@
+"""MoE routing ops (SPEC 3, SPEC 7 "Routing"): score_topk for score layers, hash_topk for hash layers.
+
+Both take the fp32 gate logits, compute s = sqrt(softplus(logits)) and return (weights fp32, ids int32)
+with the routed weights normalised from s alone. Only the reference implementation exists so far.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dsv4_kernels import dispatch
+from dsv4_kernels.dispatch import Implementation
+from dsv4_kernels.ladder import OpCheck, register_check
+from dsv4_kernels.oracles import routing as oracle
+from dsv4_kernels.ops import _checks
+from dsv4_kernels.testing import assert_close
+
+SCORE_OP = "score_topk"
+HASH_OP = "hash_topk"
+SHARED_EXPERTS = (0, 1)
+ID_DTYPES = (torch.int32, torch.int64)
+
+# Weights: fp32 quotients of fp32 s values. The reference rounds an fp64 quotient once; an fp32 kernel
+# carries its softplus/sqrt error (a couple of ulps) and an fp32 normaliser, a few 1e-7 relative in
+# all. rtol 1e-6 covers that, while weights taken from s + bias (the V4-Flash trap) or a wrong
+# normaliser are off by percent. atol only matters for weights that are exactly 0.
+WEIGHT_ATOL, WEIGHT_RTOL = 1e-12, 1e-6
+
+
+def _int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _scaling_factor(value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"routed_scaling_factor: expected a positive finite float, got {type(value).__name__} "
+                         f"{value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"routed_scaling_factor: expected a positive finite float, got {value!r}")
+
+
+def _shared_experts(value) -> None:
+    _checks.one_of("num_fused_shared_experts", _int("num_fused_shared_experts", value), SHARED_EXPERTS)
+
+
+def _logits(router_logits) -> tuple[int, int]:
+    _checks.tensor("router_logits", router_logits, torch.float32, ndim=2)
+    T, E = router_logits.shape
+    if E < 1:
+        raise ValueError(f"router_logits: expected shape (T, E) with E >= 1 experts, got {tuple(router_logits.shape)}")
+    return T, E
+
+
+def validate_score_topk(router_logits, bias, topk, routed_scaling_factor, num_fused_shared_experts) -> None:
+    _, E = _logits(router_logits)
+    _checks.tensor("bias", bias, torch.float32)
+    _checks.shape("bias", bias, (E,))
+    _checks.same_device(router_logits=router_logits, bias=bias)
+    if not 1 <= _int("topk", topk) <= E:
+        raise ValueError(f"topk: expected 1 <= topk <= {E} (the number of experts, router_logits.shape[1]), "
+                         f"got {topk}")
+    _scaling_factor(routed_scaling_factor)
+    _shared_experts(num_fused_shared_experts)
+
+
+def validate_hash_topk(router_logits, input_ids, tid2eid, num_fused_shared_experts, routed_scaling_factor) -> None:
+    T, E = _logits(router_logits)
+    _checks.tensor("input_ids", input_ids, ID_DTYPES)
+    _checks.shape("input_ids", input_ids, (T,))
+    _checks.tensor("tid2eid", tid2eid, torch.int32, ndim=2)
+    V, k = tid2eid.shape
+    if V < 1:
+        raise ValueError(f"tid2eid: expected shape (V, k) with V >= 1 table rows, got {tuple(tid2eid.shape)}")
+    if not 1 <= k <= E:
+        raise ValueError(f"tid2eid: expected shape (V, k) with 1 <= k <= {E} (k routed experts per token, at most "
+                         f"router_logits.shape[1]), got {tuple(tid2eid.shape)}")
+    _checks.same_device(router_logits=router_logits, input_ids=input_ids, tid2eid=tid2eid)
+    _shared_experts(num_fused_shared_experts)
+    _scaling_factor(routed_scaling_factor)
+
+
+for _op, _fn in ((SCORE_OP, "score_topk"), (HASH_OP, "hash_topk")):
+    dispatch.register(Implementation(
+        _op, "reference", "reference", ("cpu", "cuda", "rocm", "ascend"),
+        entry=f"dsv4_kernels.reference.routing:{_fn}", priority=0))
+
+
+def _fake_outputs(like: torch.Tensor, rows, cols) -> tuple[torch.Tensor, torch.Tensor]:
+    return like.new_empty((rows, cols), dtype=torch.float32), like.new_empty((rows, cols), dtype=torch.int32)
+
+
+@torch.library.custom_op("dsv4::score_topk", mutates_args=())
+def _score_topk_op(router_logits: torch.Tensor, bias: torch.Tensor, topk: int, routed_scaling_factor: float,
+                   num_fused_shared_experts: int, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return dispatch.call(SCORE_OP, router_logits, bias, topk, routed_scaling_factor, num_fused_shared_experts,
+                         impl=impl or None)
+
+
+@_score_topk_op.register_fake
+def _(router_logits, bias, topk, routed_scaling_factor, num_fused_shared_experts, impl):
+    return _fake_outputs(router_logits, router_logits.shape[0], topk + num_fused_shared_experts)
+
+
+@torch.library.custom_op("dsv4::hash_topk", mutates_args=())
+def _hash_topk_op(router_logits: torch.Tensor, input_ids: torch.Tensor, tid2eid: torch.Tensor,
+                  num_fused_shared_experts: int, routed_scaling_factor: float,
+                  impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return dispatch.call(HASH_OP, router_logits, input_ids, tid2eid, num_fused_shared_experts, routed_scaling_factor,
+                         impl=impl or None)
+
+
+@_hash_topk_op.register_fake
+def _(router_logits, input_ids, tid2eid, num_fused_shared_experts, routed_scaling_factor, impl):
+    return _fake_outputs(router_logits, router_logits.shape[0], tid2eid.shape[1] + num_fused_shared_experts)
+
+
+def score_topk(router_logits: torch.Tensor, bias: torch.Tensor, topk: int = 6, routed_scaling_factor: float = 1.0,
+               num_fused_shared_experts: int = 0, *, impl: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score-layer routing (layers >= 3): top-k experts of s + bias, weights from s alone.
+
+    s = sqrt(softplus(router_logits)) in fp32 (softplus(x) = x for x > 20).
+    router_logits: [T, E] fp32, contiguous: the gate GEMM output (E = 256 V4-Flash, 384 V4-Pro). T may be 0.
+    bias: [E] fp32, contiguous, same device: the score-correction bias, used for selection only.
+    topk: routed experts per token, an int with 1 <= topk <= E (6 in V4).
+    routed_scaling_factor: positive finite float multiplying the normalised routed weights (1.5 Flash,
+        2.5 Pro).
+    num_fused_shared_experts: 0 or 1. With 1, a trailing column holds expert id E with weight
+        1 / routed_scaling_factor (the shared expert fused into the routed MoE).
+    impl: run this implementation ("reference") or raise.
+    Returns (weights, ids), both [T, topk + num_fused_shared_experts]:
+        weights fp32: routed columns s[ids] / (sum of those s + 1e-20) * routed_scaling_factor, so a row
+            sums to routed_scaling_factor (0 if every selected s is 0);
+        ids int32: distinct experts in descending order of the fp32 key s + bias; ties go to the smaller
+            expert index first.
+    Edge cases: T = 0 gives [0, topk + n] outputs. Logits and bias are assumed finite (not checked: that
+    would read values back to the host); with NaN the selection is unspecified.
+    Raises ValueError for a wrong dtype, rank, shape, device or layout, topk outside [1, E], a
+    routed_scaling_factor that is not a positive finite number, or num_fused_shared_experts not in
+    {0, 1} (V4 fuses one shared expert; engines disagree on what n > 1 means, so it is refused).
+    """
+    validate_score_topk(router_logits, bias, topk, routed_scaling_factor, num_fused_shared_experts)
+    return _score_topk_op(router_logits, bias, topk, float(routed_scaling_factor), num_fused_shared_experts,
+                          impl or "")
+
+
+def hash_topk(router_logits: torch.Tensor, input_ids: torch.Tensor, tid2eid: torch.Tensor,
+              num_fused_shared_experts: int = 0, routed_scaling_factor: float = 1.0, *,
+              impl: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hash-layer routing (layers 0, 1, 2): experts looked up from the token id, weights from s.
+
+    router_logits: [T, E] fp32, contiguous: the gate GEMM output. T may be 0.
+    input_ids: [T] int32 or int64, contiguous, same device: token ids, each in [0, V).
+    tid2eid: [V, k] int32, contiguous, same device: the frozen token-to-experts table (V = 129280 and
+        k = 6 in V4), 1 <= k <= E, every entry in [0, E).
+    num_fused_shared_experts: 0 or 1, as in score_topk.
+    routed_scaling_factor: positive finite float, as in score_topk.
+    impl: run this implementation ("reference") or raise.
+    Returns (weights, ids), both [T, k + num_fused_shared_experts]:
+        ids int32: tid2eid[input_ids] in table order (not sorted), then E for the shared column;
+        weights fp32: s = sqrt(softplus(router_logits)) gathered at ids and normalised as in score_topk
+            (no bias in hash layers); a repeated expert in a table row counts once per occurrence.
+    Edge cases: T = 0 gives [0, k + n] outputs. Token ids outside [0, V) and table entries outside
+    [0, E) are not checked (that would read values back to the host): the reference raises on CPU,
+    kernels give unspecified results.
+    Raises ValueError for a wrong dtype, rank, shape, device or layout, an empty table, k outside
+    [1, E], a routed_scaling_factor that is not a positive finite number, or num_fused_shared_experts
+    not in {0, 1}.
+    """
+    validate_hash_topk(router_logits, input_ids, tid2eid, num_fused_shared_experts, routed_scaling_factor)
+    return _hash_topk_op(router_logits, input_ids, tid2eid, num_fused_shared_experts, float(routed_scaling_factor),
+                         impl or "")
+
+
+def _compare(out: torch.Tensor, expected: torch.Tensor) -> None:
+    if out.dtype != expected.dtype:
+        raise AssertionError(f"dtype {out.dtype} != expected {expected.dtype}")
+    if expected.is_floating_point():
+        assert_close(out, expected, atol=WEIGHT_ATOL, rtol=WEIGHT_RTOL, what="weights")
+        return
+    # ids: bit-exact (SPEC 6). Selection and order are discrete: a different id is a different routing.
+    if out.shape != expected.shape:
+        raise AssertionError(f"ids: shape {tuple(out.shape)} != expected {tuple(expected.shape)}")
+    bad = out != expected
+    if bad.any():
+        pos = tuple(int(i) for i in bad.nonzero()[0])
+        raise AssertionError(f"ids: {int(bad.sum())} of {out.numel()} differ, first at {pos}: actual "
+                             f"{out[pos].item()} expected {expected[pos].item()}")
+
+
+FLASH = dict(model="flash", E=256, rsf=1.5)
+PRO = dict(model="pro", E=384, rsf=2.5)
+VOCAB = 129280
+
+
+def _bias(E: int, device) -> torch.Tensor:
+    if E == FLASH["E"]:
+        return 8.08 + 0.003 * torch.randn(E, device=device)  # the V4-Flash trap: large, nearly uniform
+    return 0.1 * torch.randn(E, device=device)
+
+
+def _score_cases(device: torch.device) -> list[tuple[str, tuple, dict]]:
+    cases = []
+    for cfg in (FLASH, PRO):
+        E, rsf = cfg["E"], cfg["rsf"]
+        for T, shared in ((0, 1), (1, 0), (3, 1), (100, 1)):
+            logits = 2.0 * torch.randn(T, E, device=device)
+            label = f"{cfg['model']}-E{E}-T{T}" + ("-shared" if shared else "")
+            cases.append((label, (logits, _bias(E, device), 6, rsf, shared), {}))
+    # Logits from 4 values and bias from 2: many exact key ties, ordered by expert index.
+    logits = torch.tensor([21.0, 25.0, 30.25, 36.0], device=device)[torch.randint(0, 4, (63, 384), device=device)]
+    bias = torch.tensor([0.0, 0.5], device=device)[torch.randint(0, 2, (384,), device=device)]
+    cases.append(("ties-E384-T63", (logits, bias, 6, 2.5, 0), {}))
+    cases.append(("odd-E100-T7-top1", (torch.randn(7, 100, device=device), torch.randn(100, device=device), 1, 0.7, 1),
+                  {}))
+    return cases
+
+
+def _hash_cases(device: torch.device) -> list[tuple[str, tuple, dict]]:
+    cases = []
+    for cfg in (FLASH, PRO):
+        E, rsf = cfg["E"], cfg["rsf"]
+        tid2eid = torch.randint(0, E, (VOCAB, 6), dtype=torch.int32, device=device)
+        for T, shared, id_dtype in ((0, 0, torch.int64), (1, 1, torch.int32), (3, 0, torch.int64),
+                                    (100, 1, torch.int64)):
+            input_ids = torch.randint(0, VOCAB, (T,), dtype=id_dtype, device=device)
+            if T:
+                input_ids[-1] = VOCAB - 1
+            logits = 2.0 * torch.randn(T, E, device=device)
+            label = f"{cfg['model']}-E{E}-T{T}" + ("-shared" if shared else "") + f"-{str(id_dtype)[6:]}"
+            cases.append((label, (logits, input_ids, tid2eid, shared, rsf), {}))
+    return cases
+
+
+register_check(OpCheck(SCORE_OP, _score_cases, _compare, oracle=oracle.score_topk))
+register_check(OpCheck(HASH_OP, _hash_cases, _compare, oracle=oracle.hash_topk))

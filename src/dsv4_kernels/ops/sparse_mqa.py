@@ -1,0 +1,325 @@
+"""Sparse MQA (SPEC 1, 1.2): `sparse_mqa` on a bf16 KV pool and `sparse_mqa_fp8` on the paged FP8 KV
+cache. Also re-exports the SPEC 1.1 index builders (`build_sparse_indices` and its parts): plain
+functions that callers run before the op, not ops themselves."""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from dsv4_kernels import dispatch
+from dsv4_kernels.dispatch import Implementation
+from dsv4_kernels.ladder import OpCheck, register_check
+from dsv4_kernels.ops import _checks
+from dsv4_kernels.oracles import sparse_mqa as oracle
+from dsv4_kernels.reference.formats import KV_TOKEN_BYTES, quantize_kv_cache_fp8
+from dsv4_kernels.reference.indices import (WINDOW, build_sparse_indices, compact_indices, compressed_indices,
+                                            num_visible_compressed, selected_compressed_indices,
+                                            window_indices)
+from dsv4_kernels.testing import assert_same_nonfinite, calc_diff
+
+__all__ = ["sparse_mqa", "sparse_mqa_fp8", "validate", "validate_fp8", "HEAD_DIM", "HEAD_COUNTS",
+           "WINDOW", "build_sparse_indices", "window_indices", "num_visible_compressed", "compressed_indices",
+           "selected_compressed_indices", "compact_indices"]
+
+OP = "sparse_mqa"
+OP_FP8 = "sparse_mqa_fp8"
+HEAD_DIM = 512
+HEAD_COUNTS = tuple(range(8, 129, 8))   # SPEC 0: per-rank H after tensor parallelism, 8 .. 128
+
+
+def _heads(q: torch.Tensor) -> None:
+    H = q.shape[1]
+    if H not in HEAD_COUNTS:
+        raise ValueError(f"q: expected a head count H that is a multiple of 8 from 8 to 128 "
+                         f"(one of {', '.join(map(str, HEAD_COUNTS))}), got H = {H} (shape {tuple(q.shape)})")
+
+
+def _softmax_scale(softmax_scale) -> None:
+    if softmax_scale is None:
+        return
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
+        raise ValueError(f"softmax_scale: expected None or a positive finite float, "
+                         f"got {type(softmax_scale).__name__}")
+    if not (math.isfinite(softmax_scale) and softmax_scale > 0):
+        raise ValueError(f"softmax_scale: expected None or a positive finite float, got {softmax_scale!r}")
+
+
+def _block_size(block_size) -> None:
+    if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral) or block_size < 1:
+        raise ValueError(f"block_size: expected a positive int, got {block_size!r}")
+
+
+def _common(q, indices, attn_sink, softmax_scale, topk_length) -> dict[str, torch.Tensor]:
+    """Checks shared by both ops; returns the tensors that must share q's device."""
+    _checks.tensor("q", q, torch.bfloat16, ndim=3)
+    _checks.shape("q", q, (None, None, HEAD_DIM))
+    _heads(q)
+    T, H, _ = q.shape
+    _checks.tensor("indices", indices, torch.int32, ndim=2)
+    _checks.shape("indices", indices, (T, None))
+    _checks.tensor("attn_sink", attn_sink, torch.float32, ndim=1)
+    _checks.shape("attn_sink", attn_sink, (H,))
+    tensors = {"q": q, "indices": indices, "attn_sink": attn_sink}
+    if topk_length is not None:
+        _checks.tensor("topk_length", topk_length, torch.int32, ndim=1)
+        _checks.shape("topk_length", topk_length, (T,))
+        tensors["topk_length"] = topk_length
+    _softmax_scale(softmax_scale)
+    return tensors
+
+
+def validate(q, kv, indices, attn_sink, softmax_scale=None, topk_length=None) -> None:
+    """Metadata checks of sparse_mqa (no tensor value is read: the decode path stays CUDA-graph safe)."""
+    tensors = _common(q, indices, attn_sink, softmax_scale, topk_length)
+    _checks.tensor("kv", kv, torch.bfloat16, ndim=2)
+    _checks.shape("kv", kv, (None, HEAD_DIM))
+    _checks.same_device(**tensors, kv=kv)
+
+
+def validate_fp8(q, kv_cache, indices, attn_sink, softmax_scale=None, topk_length=None, block_size=64) -> None:
+    """Metadata checks of sparse_mqa_fp8 (no tensor value is read)."""
+    tensors = _common(q, indices, attn_sink, softmax_scale, topk_length)
+    _block_size(block_size)
+    _checks.tensor("kv_cache", kv_cache, torch.uint8, ndim=2)
+    _checks.shape("kv_cache", kv_cache, (None, block_size * KV_TOKEN_BYTES))
+    _checks.same_device(**tensors, kv_cache=kv_cache)
+
+
+dispatch.register(Implementation(
+    OP, "reference", "reference", ("cpu", "cuda", "rocm", "ascend"),
+    entry="dsv4_kernels.reference.sparse_mqa:sparse_mqa", priority=0))
+dispatch.register(Implementation(
+    OP_FP8, "reference", "reference", ("cpu", "cuda", "rocm", "ascend"),
+    entry="dsv4_kernels.reference.sparse_mqa:sparse_mqa_fp8", priority=0))
+
+
+@torch.library.custom_op("dsv4::sparse_mqa", mutates_args=())
+def _sparse_mqa_op(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, attn_sink: torch.Tensor,
+                   softmax_scale: float | None, topk_length: torch.Tensor | None,
+                   impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = dispatch.call(OP, q, kv, indices, attn_sink, softmax_scale, topk_length, impl=impl or None)
+    return out, lse
+
+
+@_sparse_mqa_op.register_fake
+def _(q, kv, indices, attn_sink, softmax_scale, topk_length, impl):
+    T, H, D = q.shape
+    return q.new_empty((T, H, D), dtype=torch.bfloat16), q.new_empty((T, H), dtype=torch.float32)
+
+
+@torch.library.custom_op("dsv4::sparse_mqa_fp8", mutates_args=())
+def _sparse_mqa_fp8_op(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tensor, attn_sink: torch.Tensor,
+                       softmax_scale: float | None, topk_length: torch.Tensor | None, block_size: int,
+                       impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = dispatch.call(OP_FP8, q, kv_cache, indices, attn_sink, softmax_scale, topk_length, block_size,
+                             impl=impl or None)
+    return out, lse
+
+
+@_sparse_mqa_fp8_op.register_fake
+def _(q, kv_cache, indices, attn_sink, softmax_scale, topk_length, block_size, impl):
+    T, H, D = q.shape
+    return q.new_empty((T, H, D), dtype=torch.bfloat16), q.new_empty((T, H), dtype=torch.float32)
+
+
+def sparse_mqa(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, attn_sink: torch.Tensor,
+               softmax_scale: float | None = None, topk_length: torch.Tensor | None = None, *,
+               impl: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse multi-query attention: every head of query t attends to the KV rows indices[t] names (SPEC 1).
+
+    Per (t, h), over the valid entries j of row t, with s_j = softmax_scale * <q[t, h], kv[indices[t, j]]>
+    (fp32 accumulation):
+        out[t, h] = sum_j exp(s_j) kv[idx_j] / (sum_j exp(s_j) + exp(attn_sink[h]))
+        lse[t, h] = log(sum_j exp(s_j))          (natural log, sink excluded)
+
+    Args:
+        q: [T, H, 512] bf16, contiguous; RoPE and the per-head norm already applied. H must be a multiple
+            of 8 from 8 to 128 (per-rank heads under tensor parallelism: V4-Flash 64, V4-Pro 128 / TP).
+            T = 0 is allowed.
+        kv: [N, 512] bf16, contiguous, on q's device: the pool of KV rows (each row is both key and value).
+            N = 0 is allowed (every index is then invalid).
+        indices: [T, K] int32, contiguous, on q's device; K >= 0 (K = 0 is accepted: every row is empty).
+            An entry < 0 (the -1 padding) or >= N is invalid and contributes nothing; this is never an
+            error and is not checked. Duplicates are kept: each occurrence adds its term again. Build
+            the lists with build_sparse_indices (window part, then compressed part).
+        attn_sink: [H] fp32, contiguous, on q's device: per-head logit added to the denominator only, as
+            exp(attn_sink[h]) (not multiplied by the scale). -inf means no sink (plain softmax). +inf and
+            NaN are not allowed (not checked: the values stay on the device).
+        softmax_scale: None (512 ** -0.5) or a positive finite float.
+        topk_length: None or [T] int32, contiguous, on q's device: row t uses only its first
+            topk_length[t] entries (a value <= 0 uses none, a value >= K all K).
+        impl: run this implementation (e.g. "reference") or raise; None lets the dispatcher choose.
+    Returns:
+        out: [T, H, 512] bf16, rounded once from fp32.
+        lse: [T, H] fp32.
+        A row with no valid entry (all invalid, K = 0, N = 0 or topk_length[t] <= 0) gives out = 0 for
+        every head, whatever the sink, and lse = +inf (FlashMLA's convention). Equal logits (ties) are
+        ordinary: they share the weight. T = 0 gives empty outputs of these shapes.
+    Raises:
+        ValueError naming the argument, the expected and the actual value for a wrong dtype, rank, shape
+        (including H and D = 512), device, layout, or softmax_scale, before any launch.
+    """
+    validate(q, kv, indices, attn_sink, softmax_scale, topk_length)
+    scale = None if softmax_scale is None else float(softmax_scale)
+    return _sparse_mqa_op(q, kv, indices, attn_sink, scale, topk_length, impl or "")
+
+
+def sparse_mqa_fp8(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tensor, attn_sink: torch.Tensor,
+                   softmax_scale: float | None = None, topk_length: torch.Tensor | None = None,
+                   block_size: int = 64, *, impl: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse MQA over the paged FP8 KV cache (SPEC 1.2): sparse_mqa on the dequantised cache.
+
+    Args:
+        q: [T, H, 512] bf16, as in sparse_mqa (H a multiple of 8 from 8 to 128; T = 0 allowed).
+        kv_cache: [P, block_size * 584] uint8, contiguous, on q's device, in the SPEC 1.2 page layout:
+            the first block_size * 576 bytes of a page hold [448 e4m3fn nope values | 64 bf16 rope values]
+            per token, then block_size * 8 bytes of [7 ue8m0 scales | 1 pad] per token. The bytes are OCP
+            e4m3fn on every device (a gfx942 kernel must decode them as e4m3fn, not e4m3fnuz). Build it
+            with dsv4_kernels.reference.formats.quantize_kv_cache_fp8 / store_kv_cache_fp8. P = 0 is
+            allowed.
+        indices: [T, K] int32 token indices into the cache: token n is page n // block_size, slot
+            n % block_size. Valid range 0 <= n < P * block_size: every slot of every page is a row,
+            including slots never written (they dequantise to whatever their bytes hold; zero bytes give a
+            zero row, which still takes part with logit 0). Entries outside it are invalid and contribute
+            nothing. K = 0 is accepted.
+        attn_sink, softmax_scale, topk_length, impl: as in sparse_mqa.
+        block_size: tokens per page, a positive int (64 in V4).
+    Returns:
+        (out [T, H, 512] bf16, lse [T, H] fp32), equal to sparse_mqa applied to
+        dequantize_kv_cache_fp8(kv_cache, P * block_size, block_size), including the empty-row
+        (out 0, lse +inf) and T = 0 cases.
+    Raises:
+        ValueError as sparse_mqa, and for a block_size that is not a positive int or a kv_cache whose row
+        length is not block_size * 584 bytes.
+    """
+    validate_fp8(q, kv_cache, indices, attn_sink, softmax_scale, topk_length, block_size)
+    scale = None if softmax_scale is None else float(softmax_scale)
+    return _sparse_mqa_fp8_op(q, kv_cache, indices, attn_sink, scale, topk_length, int(block_size), impl or "")
+
+
+def _pool_case(gen, heads, positions, capacity, topk, compact):
+    """CSA decode step of len(positions) sequences, each owning a ring of WINDOW rows and `capacity`
+    compressed entries in one pool; the indexer picks up to `topk` distinct entry ids (some of them not
+    yet visible, hence -1), one repeated, -1 after them."""
+    T = len(positions)
+    pos = torch.tensor(positions, dtype=torch.int64)
+    raw_offset = torch.arange(T, dtype=torch.int64) * (WINDOW + capacity)
+    selection = torch.full((T, topk), -1, dtype=torch.int64)
+    for t in range(T):
+        picked = torch.randperm(capacity + 20, generator=gen)[:topk - 1]
+        selection[t, :len(picked)] = picked
+        selection[t, len(picked)] = picked[0]                                  # one duplicate
+    indices = build_sparse_indices(pos, 4, decode=True, compressed_selection=selection, raw_offset=raw_offset,
+                                   compressed_offset=raw_offset + WINDOW)
+    lengths = None
+    if compact:
+        indices, lengths = compact_indices(indices)
+    return heads, max(T, 1) * (WINDOW + capacity), indices, lengths
+
+
+def _inputs(label: str):
+    """(q, kv, indices, attn_sink, softmax_scale, topk_length) on the CPU. q, kv ~ N(0, 1) so that the
+    default scale 512 ** -0.5 gives logits of order 1, as in the model (SPEC 6 assumes it)."""
+    gen = torch.Generator().manual_seed(sum(map(ord, label)))
+    scale, lengths = None, None
+    if label == "flash-decode-H64-K640":      # V4-Flash: 64 heads, 128 + 512 slots, compacted + topk_length
+        H, N, indices, lengths = _pool_case(gen, 64, [398, 150], 100, 512, compact=True)
+    elif label == "pro-decode-H128-K1152":    # V4-Pro: 128 heads, 128 + 1024 slots, one sequence
+        H, N, indices, lengths = _pool_case(gen, 128, [4390], 1100, 1024, compact=False)
+    elif label == "tp8-odd-H8-K100":          # per-rank H = 8, odd K and N, every kind of invalid entry
+        H, N, T, K = 8, 63, 5, 100
+        indices = torch.randint(-3, N + 7, (T, K), generator=gen, dtype=torch.int32)
+        indices[2] = -1
+        lengths = torch.tensor([K, 37, K, K + 50, -2], dtype=torch.int32)
+        scale = 0.06
+    elif label == "prefill-H16-hca":          # chunked prefill tail of 6 tokens, ratio 128, H = 128 / TP8
+        H, N = 16, 258
+        indices = build_sparse_indices(torch.arange(250, 256), 128)
+    elif label == "zero-tokens":
+        H, N = 64, 456
+        indices = torch.zeros(0, WINDOW + 512, dtype=torch.int32)
+    else:
+        raise ValueError(label)
+    T = indices.shape[0]
+    q = torch.randn(T, H, HEAD_DIM, generator=gen).to(torch.bfloat16)
+    kv = torch.randn(N, HEAD_DIM, generator=gen).to(torch.bfloat16)
+    sink = torch.randn(H, generator=gen)
+    sink[1] = float("-inf")
+    return q, kv, indices.contiguous(), sink, scale, lengths
+
+
+CASE_LABELS = ("flash-decode-H64-K640", "pro-decode-H128-K1152", "tp8-odd-H8-K100", "prefill-H16-hca",
+               "zero-tokens")
+FP8_BLOCK_SIZE = {"tp8-odd-H8-K100": 16}
+
+
+def _to(device, *xs):
+    return tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in xs)
+
+
+def _cases(device: torch.device) -> list[tuple[str, tuple, dict]]:
+    return [(label, _to(device, *_inputs(label)), {}) for label in CASE_LABELS]
+
+
+def fp8_inputs(label: str):
+    """(q, kv_cache, indices, attn_sink, softmax_scale, topk_length, block_size) on the CPU; one used
+    entry points at an unwritten slot of the last page (a valid zero row) and one just past the cache."""
+    q, kv, indices, sink, scale, lengths = _inputs(label)
+    block_size = FP8_BLOCK_SIZE.get(label, 64)
+    cache = quantize_kv_cache_fp8(kv, block_size)
+    slots = cache.shape[0] * block_size
+    if indices.shape[0]:
+        indices[0, 1] = slots - 1
+        indices[-1, 2] = slots
+    return q, cache, indices, sink, scale, lengths, block_size
+
+
+def _fp8_cases(device: torch.device) -> list[tuple[str, tuple, dict]]:
+    return [(label, _to(device, *fp8_inputs(label)), {}) for label in CASE_LABELS]
+
+
+# SPEC 6 attention tolerances (FlashMLA's test practice), valid for realistic data (logits of order 1):
+#   out: |a - e| <= 1e-3 or |a - e| <= 2/128 |e| elementwise, and cos-diff (calc_diff) < 5e-6;
+#   lse: |a - e| <= 1e-5 or |a - e| <= 8/65536 |e|;  +inf/-inf/NaN at identical positions (empty rows
+#   give lse = +inf). A kernel against the fp32 reference differs by its fp32 summation order, i.e. at
+#   most one bf16 ulp (<= 2^-7 |e|) of out after rounding and ~1e-6 of lse. The reference against the
+#   fp64 oracle (the ladder's CPU check; the oracle rounds out once from fp64): the reference is exact
+#   up to fp32 arithmetic (~1e-6 relative), so its bf16 out is within one ulp of the oracle's and its lse
+#   within ~1e-6: the same bounds hold with a margin, and the tests also check the reference against the
+#   unrounded fp64 oracle within half a bf16 ulp + 1e-5 (out) and 1e-5 + 1e-6 |e| (lse).
+OUT_ATOL, OUT_RTOL, OUT_COS_DIFF = 1e-3, 2 / 128, 5e-6
+LSE_ATOL, LSE_RTOL = 1e-5, 8 / 65536
+
+
+def _abs_or_rel(actual, expected, atol, rtol, what) -> None:
+    a, e = actual.double(), expected.double()
+    finite = e.isfinite()
+    err = torch.where(finite, (a - e).abs(), torch.zeros_like(a))
+    bad = finite & (err > atol) & (err > rtol * e.abs())
+    if bad.any():
+        pos = tuple(int(i) for i in bad.nonzero()[0])
+        raise AssertionError(f"{what}: {int(bad.sum())} of {a.numel()} elements exceed abs {atol:g} and rel "
+                             f"{rtol:g}; first at {pos}: actual {a[pos].item():.8g} expected {e[pos].item():.8g}")
+
+
+def compare(out: torch.Tensor, expected: torch.Tensor) -> None:
+    """One output of either op against the expected one: bf16 -> the `out` rule, fp32 -> the `lse` rule."""
+    what = "out" if expected.dtype == torch.bfloat16 else "lse"
+    if out.dtype != expected.dtype or out.shape != expected.shape:
+        raise AssertionError(f"{what}: got {out.dtype} {tuple(out.shape)}, expected {expected.dtype} "
+                             f"{tuple(expected.shape)}")
+    assert_same_nonfinite(out, expected, what)
+    if what == "out":
+        _abs_or_rel(out, expected, OUT_ATOL, OUT_RTOL, what)
+        finite = expected.isfinite() & out.isfinite()
+        diff = calc_diff(out[finite], expected[finite])
+        if not diff < OUT_COS_DIFF:
+            raise AssertionError(f"out: cos-diff {diff:.3e} is not below {OUT_COS_DIFF:g}")
+    else:
+        _abs_or_rel(out, expected, LSE_ATOL, LSE_RTOL, what)
+
+
+register_check(OpCheck(OP, _cases, compare, oracle=oracle.sparse_mqa))
+register_check(OpCheck(OP_FP8, _fp8_cases, compare, oracle=oracle.sparse_mqa_fp8))

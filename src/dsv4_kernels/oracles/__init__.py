@@ -1,0 +1,1 @@
+"""Independent fp64 oracles used by tests and the verification ladder to check the references."""
