@@ -126,6 +126,20 @@ def _skip_unrunnable(request):
         pytest.skip(f"{op}/{impl.name} on {backend}: {reason}")
 
 
+@pytest.fixture
+def require_supported():
+    """require_supported(op, impl, *args, **kwargs): skip this test, with the implementation's reason,
+    when its supports() refuses these arguments (a kernel built for dim % 256 == 0 given dim 100). Inside
+    a hypothesis test use `hypothesis.assume(impl.supports(...) is None)` instead."""
+    from dsv4_kernels import dispatch
+
+    def check(op: str, impl: str, *args, **kwargs) -> None:
+        reason = dispatch.get(op, impl).supports(*args, **kwargs)
+        if reason:
+            pytest.skip(f"{op}/{impl} does not support these arguments: {reason}")
+    return check
+
+
 @pytest.fixture(autouse=True)
 def _seed(request):
     """Seed torch, random and numpy from the test id (and --seed): reproducible and distinct per test."""

@@ -494,7 +494,7 @@ PREFILL_RULES = [
     (_with(_fused_args, cache_block_size=64), "kv_cache: expected shape (*, 37376), got (2, 9344)"),
     (_with(_fused_args, kv_cache=lambda a: a["kv_cache"].to(META)),
      "kv_cache: expected device cpu (the device of kv), got meta"),
-    (_with(_fused_args, cache_block_size=0), "cache_block_size: expected a positive number of tokens per page, got 0"),
+    (_with(_fused_args, cache_block_size=0), "cache_block_size: expected an int >= 1, got 0"),
     (_with(_fused_args, cache_block_size=16.0), "cache_block_size: expected an int, got float 16.0"),
     (_with(_fused_args, cache_slots=None), "cache_slots: expected an int64 tensor [3] with kv_cache, got None"),
     (_with(_fused_args, kv_cache=None), "cache_slots: expected None without kv_cache, got a tensor"),

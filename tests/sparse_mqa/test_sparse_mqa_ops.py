@@ -271,10 +271,10 @@ FP8_RULES = COMMON_RULES + [
     ("kv_cache", lambda a: torch.zeros(1, 64 * 584, dtype=torch.uint8), "kv_cache: expected shape (*, 9344), got (1, 37376)"),
     ("kv_cache", lambda a: noncontiguous(a["kv_cache"]), "kv_cache: expected a contiguous tensor"),
     ("kv_cache", lambda a: a["kv_cache"].to("meta"), "kv_cache: expected device cpu (the device of q), got meta"),
-    ("block_size", lambda a: 0, "block_size: expected a positive int, got 0"),
-    ("block_size", lambda a: -16, "block_size: expected a positive int, got -16"),
-    ("block_size", lambda a: 16.0, "block_size: expected a positive int, got 16.0"),
-    ("block_size", lambda a: True, "block_size: expected a positive int, got True"),
+    ("block_size", lambda a: 0, "block_size: expected an int >= 1, got 0"),
+    ("block_size", lambda a: -16, "block_size: expected an int >= 1, got -16"),
+    ("block_size", lambda a: 16.0, "block_size: expected an int, got float 16.0"),
+    ("block_size", lambda a: True, "block_size: expected an int, got bool True"),
 ]
 
 

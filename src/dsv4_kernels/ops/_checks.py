@@ -2,6 +2,8 @@
 the expected value and the actual one."""
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Iterable
 
 import torch
@@ -47,3 +49,23 @@ def one_of(name: str, value, allowed: Iterable) -> None:
     allowed = tuple(allowed)
     if value not in allowed:
         raise ValueError(f"{name}: expected one of {', '.join(map(str, allowed))}, got {value!r}")
+
+
+def integer(name: str, value, minimum: int | None = None) -> int:
+    """A Python int (bool refused), optionally >= minimum."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+    return int(value)
+
+
+def positive_float(name: str, value, optional: bool = False) -> None:
+    """A positive finite real number (bool refused); None too when optional."""
+    expected = "None or a positive finite float" if optional else "a positive finite float"
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name}: expected {expected}, got {type(value).__name__} {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")

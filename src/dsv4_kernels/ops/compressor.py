@@ -40,14 +40,9 @@ def _coff(ratio: int) -> int:
     return 2 if ratio == 4 else 1
 
 
-def _int_arg(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
-
-
 def _ratio(ratio) -> int:
     """ratio in {4, 128}; 0 and 1 get the explanation that they have no compressor."""
-    _int_arg("ratio", ratio)
+    _checks.integer("ratio", ratio)
     if ratio in (0, 1):
         raise ValueError(f"ratio: expected one of 4, 128, got {ratio}: ratio 0 and 1 mean no compression "
                          f"(window-only layers), which have no compressor")
@@ -69,9 +64,7 @@ def _fused(d: int, rows: int, norm_weight, rope_cos, rope_sin, kv_cache, cache_b
     """Checks of the optional fused-form arguments; returns the given tensors by name (for the device
     check). rows: the first dimension cache_slots must have (S // r for prefill, B for decode).
     min_positions: rows the rope tables need when it is known from shapes alone (prefill)."""
-    _int_arg("cache_block_size", cache_block_size)
-    if cache_block_size < 1:
-        raise ValueError(f"cache_block_size: expected a positive number of tokens per page, got {cache_block_size}")
+    _checks.integer("cache_block_size", cache_block_size, minimum=1)
     given: dict[str, torch.Tensor] = {}
     if (rope_cos is None) != (rope_sin is None):
         missing, present = ("rope_sin", "rope_cos") if rope_sin is None else ("rope_cos", "rope_sin")

@@ -5,7 +5,6 @@ with the routed weights normalised from s alone. Only the reference implementati
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
@@ -28,22 +27,8 @@ ID_DTYPES = (torch.int32, torch.int64)
 WEIGHT_ATOL, WEIGHT_RTOL = 1e-12, 1e-6
 
 
-def _int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
-    return value
-
-
-def _scaling_factor(value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"routed_scaling_factor: expected a positive finite float, got {type(value).__name__} "
-                         f"{value!r}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"routed_scaling_factor: expected a positive finite float, got {value!r}")
-
-
 def _shared_experts(value) -> None:
-    _checks.one_of("num_fused_shared_experts", _int("num_fused_shared_experts", value), SHARED_EXPERTS)
+    _checks.one_of("num_fused_shared_experts", _checks.integer("num_fused_shared_experts", value), SHARED_EXPERTS)
 
 
 def _logits(router_logits) -> tuple[int, int]:
@@ -59,10 +44,10 @@ def validate_score_topk(router_logits, bias, topk, routed_scaling_factor, num_fu
     _checks.tensor("bias", bias, torch.float32)
     _checks.shape("bias", bias, (E,))
     _checks.same_device(router_logits=router_logits, bias=bias)
-    if not 1 <= _int("topk", topk) <= E:
+    if not 1 <= _checks.integer("topk", topk) <= E:
         raise ValueError(f"topk: expected 1 <= topk <= {E} (the number of experts, router_logits.shape[1]), "
                          f"got {topk}")
-    _scaling_factor(routed_scaling_factor)
+    _checks.positive_float("routed_scaling_factor", routed_scaling_factor)
     _shared_experts(num_fused_shared_experts)
 
 
@@ -79,7 +64,7 @@ def validate_hash_topk(router_logits, input_ids, tid2eid, num_fused_shared_exper
                          f"router_logits.shape[1]), got {tuple(tid2eid.shape)}")
     _checks.same_device(router_logits=router_logits, input_ids=input_ids, tid2eid=tid2eid)
     _shared_experts(num_fused_shared_experts)
-    _scaling_factor(routed_scaling_factor)
+    _checks.positive_float("routed_scaling_factor", routed_scaling_factor)
 
 
 for _op, _fn in ((SCORE_OP, "score_topk"), (HASH_OP, "hash_topk")):

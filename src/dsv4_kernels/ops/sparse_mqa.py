@@ -3,8 +3,6 @@ cache. Also re-exports the SPEC 1.1 index builders (`build_sparse_indices` and i
 functions that callers run before the op, not ops themselves."""
 from __future__ import annotations
 
-import math
-import numbers
 
 import torch
 
@@ -36,21 +34,6 @@ def _heads(q: torch.Tensor) -> None:
                          f"(one of {', '.join(map(str, HEAD_COUNTS))}), got H = {H} (shape {tuple(q.shape)})")
 
 
-def _softmax_scale(softmax_scale) -> None:
-    if softmax_scale is None:
-        return
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
-        raise ValueError(f"softmax_scale: expected None or a positive finite float, "
-                         f"got {type(softmax_scale).__name__}")
-    if not (math.isfinite(softmax_scale) and softmax_scale > 0):
-        raise ValueError(f"softmax_scale: expected None or a positive finite float, got {softmax_scale!r}")
-
-
-def _block_size(block_size) -> None:
-    if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral) or block_size < 1:
-        raise ValueError(f"block_size: expected a positive int, got {block_size!r}")
-
-
 def _common(q, indices, attn_sink, softmax_scale, topk_length) -> dict[str, torch.Tensor]:
     """Checks shared by both ops; returns the tensors that must share q's device."""
     _checks.tensor("q", q, torch.bfloat16, ndim=3)
@@ -66,7 +49,7 @@ def _common(q, indices, attn_sink, softmax_scale, topk_length) -> dict[str, torc
         _checks.tensor("topk_length", topk_length, torch.int32, ndim=1)
         _checks.shape("topk_length", topk_length, (T,))
         tensors["topk_length"] = topk_length
-    _softmax_scale(softmax_scale)
+    _checks.positive_float("softmax_scale", softmax_scale, optional=True)
     return tensors
 
 
@@ -81,7 +64,7 @@ def validate(q, kv, indices, attn_sink, softmax_scale=None, topk_length=None) ->
 def validate_fp8(q, kv_cache, indices, attn_sink, softmax_scale=None, topk_length=None, block_size=64) -> None:
     """Metadata checks of sparse_mqa_fp8 (no tensor value is read)."""
     tensors = _common(q, indices, attn_sink, softmax_scale, topk_length)
-    _block_size(block_size)
+    _checks.integer("block_size", block_size, minimum=1)
     _checks.tensor("kv_cache", kv_cache, torch.uint8, ndim=2)
     _checks.shape("kv_cache", kv_cache, (None, block_size * KV_TOKEN_BYTES))
     _checks.same_device(**tensors, kv_cache=kv_cache)
