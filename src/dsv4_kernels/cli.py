@@ -31,29 +31,35 @@ def cmd_info(args) -> int:
 
 
 def _table(records) -> str:
+    """One row per (op, impl, backend): the highest level passed, failures in full, and the next level's
+    skip reason as a numbered footnote (the same reason recurs on many rows)."""
     rank = {lvl: i for i, lvl in enumerate(("cpu-numerics", "codegen", "device-numerics", "device-perf"))}
-    rows = {}
+    rows, notes = {}, {}
     for r in records:
-        key = (r.op, r.impl, r.language, r.backend)
-        row = rows.setdefault(key, {"best": "-", "fails": [], "skips": [], "targets": set()})
+        row = rows.setdefault((r.op, r.impl, r.language, r.backend), {"best": "-", "fails": [], "skip": None,
+                                                                      "targets": set()})
         if r.status == "pass":
             row["targets"].add(r.target)
             if row["best"] == "-" or rank[r.level] > rank[row["best"]]:
                 row["best"] = r.level
         elif r.status == "fail":
             row["fails"].append(f"{r.level}/{r.target}: {r.reason}")
-        else:
-            row["skips"].append(f"{r.level}: {r.reason}")
-    head = f"{'op':<14} {'impl':<16} {'language':<9} {'backend':<7} {'highest level':<16} notes"
+        elif row["skip"] is None:
+            row["skip"] = (r.level, notes.setdefault(r.reason, len(notes) + 1))
+    head = f"{'op':<22} {'impl':<16} {'language':<9} {'backend':<7} {'highest level':<16} notes"
     lines = [head, "-" * len(head)]
     for (op, impl, lang, backend), row in sorted(rows.items()):
         if row["fails"]:
             note = "FAIL " + " | ".join(row["fails"])
         else:
-            passed = f"passed on {', '.join(sorted(row['targets']))}" if row["targets"] else ""
-            skipped = row["skips"][0] if row["skips"] else ""
-            note = "; ".join(x for x in (passed, "next: " + skipped if skipped else "") if x)
-        lines.append(f"{op:<14} {impl:<16} {lang:<9} {backend:<7} {row['best']:<16} {note}")
+            parts = [f"on {', '.join(sorted(row['targets']))}"] if row["targets"] else []
+            if row["skip"]:
+                parts.append(f"{row['skip'][0]} skipped [{row['skip'][1]}]")
+            note = "; ".join(parts)
+        lines.append(f"{op:<22} {impl:<16} {lang:<9} {backend:<7} {row['best']:<16} {note}")
+    if notes:
+        lines.append("")
+        lines += [f"[{n}] {reason}" for reason, n in notes.items()]
     return "\n".join(lines)
 
 
