@@ -1,4 +1,4 @@
-"""The `dsv4k` command: info, check, codegen, demo."""
+"""The `dsv4k` command: info, check, codegen, demo, bench."""
 from __future__ import annotations
 
 import argparse
@@ -103,6 +103,11 @@ def cmd_demo(args) -> int:
     return demo.main(args.prefill, args.decode, args.seed)
 
 
+def cmd_bench(args) -> int:
+    from dsv4_kernels.bench import command
+    return command.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dsv4k", description="DeepSeek-V4 kernels: inspect, verify, compile.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -123,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--decode", type=int, default=8, help="decode steps after the prefill")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(fn=cmd_demo)
+    from dsv4_kernels.bench.command import add_arguments as bench_arguments
+    b = sub.add_parser("bench", help="benchmark every op family: us, GB/s, TFLOP/s, %% of peak, speedups; "
+                                     "JSON lines, PNG charts, --compare of two runs")
+    bench_arguments(b)
+    b.set_defaults(fn=cmd_bench)
     return p
 
 

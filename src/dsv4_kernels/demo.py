@@ -26,6 +26,13 @@ from dsv4_kernels.testing import calc_diff
 D, ROPE, WINDOW, HC = 512, 64, 128, 4
 
 
+def _proj(y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Caller-side projection y @ weight^T in fp64, rounded to fp32. In fp32, a 1-token GEMM and a
+    258-token GEMM round differently, which can flip a near-tie of the indexer's top-k between decode and
+    prefill; that would test the BLAS, not this library."""
+    return (y.double() @ weight.double().T).float()
+
+
 @dataclass(frozen=True)
 class ToyConfig:
     ratio: int                   # 4 (CSA: indexer top-k, hash routing) or 128 (HCA: score routing)
@@ -98,6 +105,7 @@ class ToyBlock:
         self.entries = torch.zeros(0, D, dtype=torch.bfloat16)
         self.index_keys = torch.zeros(0, cfg.index_dim, dtype=torch.bfloat16)
         self.state = self.index_state = None
+        self.trace: dict[str, list[torch.Tensor]] = {"attn": [], "moe": [], "selection": [], "scores": []}
 
     def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """RoPE on the last 64 dims of x [T, ..., D] at positions [T]."""
@@ -110,7 +118,7 @@ class ToyBlock:
     def _compress(self, y: torch.Tensor, positions: torch.Tensor, prefix: str, decode: bool):
         """Compressor of the attention (prefix "c", d = 512) or the indexer (prefix "i", d = 128)."""
         w, r = self.w, self.cfg.ratio
-        kv, score = y @ w[f"{prefix}_wkv"].T, y @ w[f"{prefix}_wgate"].T
+        kv, score = _proj(y, w[f"{prefix}_wkv"]), _proj(y, w[f"{prefix}_wgate"])
         fused = dict(norm_weight=w[f"{prefix}_norm"], rope_cos=w["rope_cos"], rope_sin=w["rope_sin"])
         if not decode:
             entries, kv_state, score_state = dk.compressor_prefill(kv, score, w[f"{prefix}_ape"], r, **fused,
@@ -128,23 +136,24 @@ class ToyBlock:
         n = self.index_keys.shape[0]
         if n == 0:
             return selection
-        q = (y @ w["i_wq"].T).view(-1, cfg.index_heads, cfg.index_dim)
-        head_w = y @ w["i_ww"].T                                                   # [T, heads]
-        logits = torch.relu(torch.einsum("thd,nd->thn", q, self.index_keys.float()))
+        q = _proj(y, w["i_wq"]).view(-1, cfg.index_heads, cfg.index_dim).double()
+        head_w = _proj(y, w["i_ww"]).double()                                      # [T, heads]
+        logits = torch.relu(torch.einsum("thd,nd->thn", q, self.index_keys.double()))
         score = (logits * head_w[:, :, None]).sum(1)                              # [T, n]
         visible = (torch.arange(n)[None, :] + 1) * cfg.ratio <= positions[:, None] + 1
         score = score.masked_fill(~visible, float("-inf"))
         k = min(cfg.index_topk, n)
         top = score.topk(k, dim=-1)
         selection[:, :k] = torch.where(top.values.isfinite(), top.indices, -1)
+        self.trace["scores"].append(score)
         return selection
 
     def _attention(self, y16: torch.Tensor, positions: torch.Tensor, decode: bool) -> torch.Tensor:
         cfg, w = self.cfg, self.w
         y = y16.float()
-        q = (y @ w["wq"].T).view(-1, cfg.heads, D)
+        q = _proj(y, w["wq"]).view(-1, cfg.heads, D)
         q = self._rope(q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + 1e-6), positions)
-        kv = self._rope(y @ w["wkv"].T, positions)
+        kv = self._rope(_proj(y, w["wkv"]), positions)
         entries, state = self._compress(y, positions, "c", decode)
         self.entries = torch.cat([self.entries, entries]) if decode else entries
         if not decode:
@@ -156,15 +165,16 @@ class ToyBlock:
             if not decode:
                 self.index_state = istate
             selection = self._indexer_selection(y, positions)
+            self.trace["selection"].append(selection)
         self.ring[positions[-WINDOW:] % WINDOW] = kv[-WINDOW:]  # raw KV ring for the decode steps
         pool = torch.cat([self.ring, self.entries]) if decode else torch.cat([kv, self.entries])
         indices = dk.build_sparse_indices(positions, cfg.ratio, decode=decode, compressed_selection=selection)
         o, _ = dk.sparse_mqa(q, pool, indices, w["attn_sink"], impl=self.impl)
-        return (o.float().flatten(1) @ w["wo"].T).to(torch.bfloat16)
+        return _proj(o.float().flatten(1), w["wo"]).to(torch.bfloat16)
 
     def _moe(self, y16: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         cfg, w = self.cfg, self.w
-        logits = y16.float() @ w["gate"].T
+        logits = _proj(y16.float(), w["gate"])
         if cfg.hash_routing:
             weights, ids = dk.hash_topk(logits, input_ids, w["tid2eid"],
                                         routed_scaling_factor=cfg.routed_scaling_factor, impl=self.impl)
@@ -178,20 +188,30 @@ class ToyBlock:
         w, impl = self.w, self.impl
         positions = torch.arange(self.pos, self.pos + x.shape[0])
         y, post, comb = dk.mhc_pre(x, w["attn_hc_fn"], w["attn_hc_scale"], w["attn_hc_base"], impl=impl)
-        x = dk.mhc_post(self._attention(y, positions, decode), x, post, comb, impl=impl)
+        attn = self._attention(y, positions, decode)
+        x = dk.mhc_post(attn, x, post, comb, impl=impl)
         y, post, comb = dk.mhc_pre(x, w["moe_hc_fn"], w["moe_hc_scale"], w["moe_hc_base"], impl=impl)
-        x = dk.mhc_post(self._moe(y, input_ids), x, post, comb, impl=impl)
+        moe = self._moe(y, input_ids)
+        x = dk.mhc_post(moe, x, post, comb, impl=impl)
+        self.trace["attn"].append(attn)
+        self.trace["moe"].append(moe)
         self.pos += x.shape[0]
         return x
 
 
-def run_sequence(cfg, w, x, ids, prefill_len, impl) -> torch.Tensor:
-    """Prefill the first prefill_len tokens, decode the rest one by one; returns all outputs [S, 4, dim]."""
+def run_sequence(cfg, w, x, ids, prefill_len, impl) -> dict[str, torch.Tensor]:
+    """Prefill the first prefill_len tokens, decode the rest one by one. Returns per-token tensors:
+    "out" [S, 4, dim] (the new residual), "attn" and "moe" [S, dim] (the sublayer outputs) and, for
+    ratio 4, "selection" [S, index_topk] (the indexer's picks) and "scores" (the last forward's)."""
     block = ToyBlock(cfg, w, impl)
     outs = [block.forward(x[:prefill_len], ids[:prefill_len], decode=False)]
     for t in range(prefill_len, x.shape[0]):
         outs.append(block.forward(x[t:t + 1], ids[t:t + 1], decode=True))
-    return torch.cat(outs)
+    result = {"out": torch.cat(outs), "attn": torch.cat(block.trace["attn"]), "moe": torch.cat(block.trace["moe"])}
+    if block.trace["selection"]:
+        result["selection"] = torch.cat(block.trace["selection"])
+        result["scores"] = block.trace["scores"][-1]
+    return result
 
 
 @dataclass
@@ -201,14 +221,42 @@ class DemoResult:
     calc_diff: float
     max_abs: float
     limit: float
+    note: str = ""
 
     @property
     def ok(self) -> bool:
-        return self.calc_diff <= self.limit
+        return self.calc_diff <= self.limit and not self.note.startswith("FAIL")
+
+
+def _near_tie_flips(dec: dict, full: dict, tail: slice, rel: float = 1e-3) -> tuple[list[int], str]:
+    """Tokens whose indexer picks differ between decode and prefill. A flip is legitimate only as a
+    near-tie: in the prefill run's own scores, the entries it picked over the decode run's picks lead by
+    less than `rel` of the score scale. Returns (flipped token offsets, "" or a FAIL message)."""
+    if "selection" not in dec:
+        return [], ""
+    flips = []
+    scores = full["scores"][tail]
+    for i, (a, b) in enumerate(zip(dec["selection"][tail].tolist(), full["selection"][tail].tolist())):
+        only_dec, only_full = set(a) - set(b) - {-1}, set(b) - set(a) - {-1}
+        if not only_dec and not only_full:
+            continue
+        row = scores[i]
+        gap = min(row[j].item() for j in only_full) - max(row[j].item() for j in only_dec)
+        scale = row[row.isfinite()].abs().max().item()
+        if gap > rel * scale:
+            return flips, f"FAIL: token {tail.start + i} picks {sorted(a)} in decode but {sorted(b)} in prefill, " \
+                          f"a score gap of {gap:.3g} (scale {scale:.3g}) is no near-tie"
+        flips.append(i)
+    return flips, ""
 
 
 def run_demo(prefill_len: int = 250, decode_steps: int = 8, seed: int = 0) -> tuple[list[DemoResult], dict]:
-    """Both layers, both checks. Returns the results and {(op, impl): calls} of the dispatcher run."""
+    """Both layers, both checks. Returns the results and {(op, impl): calls} of the dispatcher run.
+
+    The checks compare the sublayer outputs (attention and MoE, per token), not the residual: the
+    residual stream dominates the block's output, so a residual comparison would hide a wrong attention
+    (a decode path that never emits compressed entries moves the residual by calc_diff ~5e-4 only).
+    """
     results = []
     chosen: dict = {}
     for ratio in (4, 128):
@@ -223,15 +271,24 @@ def run_demo(prefill_len: int = 250, decode_steps: int = 8, seed: int = 0) -> tu
         chosen.update(counts)
         ref = run_sequence(cfg, w, x, ids, prefill_len, impl="reference")
         full = run_sequence(cfg, w, x, ids, total, impl="reference")
-        # Dispatcher vs reference: identical when the reference was chosen; kernels may differ by bf16
-        # rounding of each op's output, which stays far under 1e-4 in calc_diff over a block.
-        results.append(DemoResult(ratio, "dispatch vs reference", calc_diff(out, ref),
-                                  (out.float() - ref.float()).abs().max().item(), 1e-4))
-        # Decode vs prefill: the same math in other reduction orders and shapes (fp32 pooling, bf16
-        # rounding of entries and outputs): agreement to bf16 noise, far under 1e-4 in calc_diff.
+        sub = ("attn", "moe", "out")
+        # Dispatcher vs reference: identical when the reference was chosen; kernels differ from it by
+        # the bf16 rounding of each op's output, far under 1e-4 in calc_diff over a sublayer.
+        diff = max(calc_diff(out[k], ref[k]) for k in sub)
+        worst = max((out[k].float() - ref[k].float()).abs().max().item() for k in sub)
+        results.append(DemoResult(ratio, "dispatch vs reference", diff, worst, 1e-4))
+        # Decode vs prefill: the same math in other batch shapes. torch's CPU elementwise kernels round
+        # a 1-token tensor and a batched one differently (mhc_pre's post differs by an fp32 ulp on some
+        # tokens), so bf16 outputs may differ by an ulp, and an indexer near-tie may flip: such a token
+        # is excluded after _near_tie_flips has shown the flip to be a near-tie.
         tail = slice(prefill_len, total)
-        results.append(DemoResult(ratio, "prefill+decode vs prefill", calc_diff(ref[tail], full[tail]),
-                                  (ref[tail].float() - full[tail].float()).abs().max().item(), 1e-4))
+        flips, note = _near_tie_flips(ref, full, tail)
+        keep = [i for i in range(decode_steps) if i not in flips]
+        diff = max(calc_diff(ref[k][tail][keep], full[k][tail][keep]) for k in sub)
+        worst = max((ref[k][tail][keep].float() - full[k][tail][keep].float()).abs().max().item() for k in sub)
+        if flips and not note:
+            note = f"{len(flips)} token(s) with a near-tie indexer flip excluded"
+        results.append(DemoResult(ratio, "prefill+decode vs prefill", diff, worst, 1e-4, note))
     return results, chosen
 
 
@@ -242,5 +299,5 @@ def main(prefill_len: int = 250, decode_steps: int = 8, seed: int = 0) -> int:
     for r in results:
         layer = "ratio 4 (CSA, indexer top-k, hash routing)" if r.ratio == 4 else "ratio 128 (HCA, score routing)"
         print(f"{'PASS' if r.ok else 'FAIL'}  {layer:<44} {r.check:<28} calc_diff {r.calc_diff:.2e} "
-              f"(limit {r.limit:.0e}), max |diff| {r.max_abs:.3g}")
+              f"(limit {r.limit:.0e}), max |diff| {r.max_abs:.3g}" + (f"; {r.note}" if r.note else ""))
     return 0 if all(r.ok for r in results) else 1

@@ -78,12 +78,17 @@ def _copy_to_cpu(x):
 
 def run_cases(op: str, impl_name: str, device: torch.device) -> str:
     """Run the op's sample cases with one implementation on `device`; raises AssertionError on a mismatch.
-    Returns a short summary of what ran."""
+    A case the implementation's supports() refuses (a kernel built for dim % 256 == 0 given dim 100) is
+    not run and is named with the reason; LookupError when it refuses every case. Returns a short summary."""
     check = get_check(op)
     impl = dispatch.get(op, impl_name)
     torch.manual_seed(0)
-    labels = []
+    labels, refused = [], []
     for label, args, kwargs in check.cases(device):
+        reason = impl.supports(*args, **kwargs)
+        if reason:
+            refused.append(f"{label} ({reason})")
+            continue
         cpu_args, cpu_kwargs = _copy_to_cpu(args), _copy_to_cpu(kwargs)  # before an in-place op runs
         out = _outputs(dispatch.call(op, *args, impl=impl_name, **kwargs))
         if impl.language == "reference" and device.type == "cpu":
@@ -98,7 +103,10 @@ def run_cases(op: str, impl_name: str, device: torch.device) -> str:
             except AssertionError as exc:
                 raise AssertionError(f"case {label}, output {i}: {exc}") from None
         labels.append(label)
-    return f"{len(labels)} cases match: {', '.join(labels)}"
+    if refused and not labels:
+        raise LookupError(f"{impl_name} refuses every sample case: {'; '.join(refused)}")
+    summary = f"{len(labels)} cases match: {', '.join(labels)}"
+    return summary + (f"; refused by supports(): {'; '.join(refused)}" if refused else "")
 
 
 def cpu_numerics() -> list[Record]:

@@ -1,6 +1,6 @@
 """FP4 grouped MoE reference (SPEC 5): hand cases for the clamp and the routing weight, the grouped
 GEMM against dense per-row products, and fp4_grouped_moe against an independent fp64 loop-over-tokens
-oracle at toy, V4-Flash and V4-Pro sizes.
+oracle (dsv4_kernels.oracles.moe.moe_fp64) at toy, V4-Flash and V4-Pro sizes.
 
 Tolerance of the oracle comparison: calc_diff < 1e-4, as the lead's brief asks, plus every element within
 one bf16 ulp of the oracle. Both sides accumulate the GEMMs exactly (fp64 over exact FP8 x FP4
@@ -18,78 +18,10 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from dsv4_kernels.oracles.moe import fp4_decode as _fp4_decode, moe_fp64 as _moe_oracle
 from dsv4_kernels.reference.formats import pack_fp4, quantize_fp8_blockwise
 from dsv4_kernels.reference.moe import fp4_grouped_moe, mxfp4_grouped_gemm, random_mxfp4_weights
 from dsv4_kernels.testing import assert_calc_diff, bf16_ulp, calc_diff
-
-
-def _fp4_table() -> torch.Tensor:
-    """Values of the 16 e2m1 codes from their bit fields: sign bit 3, exponent bits 2-1, mantissa bit 0."""
-    vals = []
-    for code in range(16):
-        exp, man = (code >> 1) & 3, code & 1
-        mag = man * 0.5 if exp == 0 else (1 + man * 0.5) * 2.0 ** (exp - 1)
-        vals.append(-mag if code & 8 else mag)
-    return torch.tensor(vals, dtype=torch.float64)
-
-
-_FP4_TABLE = _fp4_table()
-
-
-def _fp4_decode(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """packed [N, K/2] uint8 + ue8m0 scale [N, K/32] -> fp64 [N, K] (exact)."""
-    n, half = packed.shape
-    codes = torch.stack(((packed % 16).long(), (packed // 16).long()), dim=-1).reshape(n, 2 * half)
-    s = torch.pow(2.0, scale.double() - 127)
-    return (_FP4_TABLE[codes].reshape(n, scale.shape[1], -1) * s[..., None]).reshape(n, 2 * half)
-
-
-def _matmul64(packed: torch.Tensor, scale: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Decoded weight [N, K] times v [K, m] fp64 -> [N, m] fp64; 2048 weight rows at a time."""
-    return torch.cat([_fp4_decode(packed[i:i + 2048], scale[i:i + 2048]) @ v
-                      for i in range(0, packed.shape[0], 2048)])
-
-
-def _fp8_round_trip(v: torch.Tensor, block: int) -> torch.Tensor:
-    """v [K] (exact in bf16) -> fp64 values of its e4m3fn block quantisation, one block at a time."""
-    out = torch.zeros(v.shape[0], dtype=torch.float64)
-    for b0 in range(0, v.shape[0], block):
-        chunk = v[b0:b0 + block].double()
-        scale = 2.0 ** math.ceil(math.log2(max(chunk.abs().max().item(), 1e-4) / 448.0))
-        out[b0:b0 + block] = (chunk / scale).clamp(-448, 448).float().to(torch.float8_e4m3fn).double() * scale
-    return out
-
-
-def _moe_oracle(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, act_block_size=128,
-                swiglu_limit=10.0) -> torch.Tensor:
-    """y [T, dim] fp64 of SPEC 5, the final sum left unrounded. The routing loop runs over tokens and
-    slots; the GEMMs of one expert are batched over its (token, slot) pairs and accumulated in fp64, then
-    rounded to fp32 (an exact fp32 accumulator) and bf16. h is formed in fp32 as SPEC 5 writes it."""
-    t_count, dim = x.shape
-    n_experts, inter = w13.shape[0], w13.shape[1] // 2
-    work = {}  # expert -> [(token, slot)]
-    xq = [_fp8_round_trip(x[t], act_block_size) for t in range(t_count)]
-    for t in range(t_count):
-        for j in range(topk_ids.shape[1]):
-            e = int(topk_ids[t, j])
-            if 0 <= e < n_experts:
-                work.setdefault(e, []).append((t, j))
-    y = torch.zeros(t_count, dim, dtype=torch.float64)
-    for e, pairs in work.items():
-        xs = torch.stack([xq[t] for t, _ in pairs], dim=1)  # [dim, pairs]
-        gu = _matmul64(w13[e], w13_scale[e], xs).float().to(torch.bfloat16).float()  # [2I, pairs]
-        hq = []
-        for p, (t, j) in enumerate(pairs):
-            g, u = gu[:inter, p], gu[inter:, p]
-            if swiglu_limit > 0:
-                g = g.clamp(max=swiglu_limit)
-                u = u.clamp(-swiglu_limit, swiglu_limit)
-            h = torch.nn.functional.silu(g) * u * topk_weights[t, j].float()
-            hq.append(_fp8_round_trip(h.to(torch.bfloat16), act_block_size))
-        ye = _matmul64(w2[e], w2_scale[e], torch.stack(hq, dim=1)).float().to(torch.bfloat16).double()
-        for p, (t, _) in enumerate(pairs):
-            y[t] += ye[:, p]
-    return y
 
 
 def _assert_matches_oracle(y: torch.Tensor, oracle: torch.Tensor) -> None:

@@ -1,0 +1,349 @@
+"""FP4 grouped MoE ops (SPEC 5, SPEC 7 "FP4 MoE"): `mxfp4_grouped_gemm` (FP8 activations times MXFP4
+expert weights, rows grouped by expert) and `fp4_grouped_moe` (the routed experts of one MoE layer:
+gate/up GEMM, clamped SwiGLU with the routing weight, down GEMM, routed sum). Only the reference
+implementation exists so far."""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from dsv4_kernels import dispatch
+from dsv4_kernels.dispatch import Implementation
+from dsv4_kernels.ladder import OpCheck, register_check
+from dsv4_kernels.ops import _checks
+from dsv4_kernels.oracles import moe as oracle
+from dsv4_kernels.reference.formats import quantize_fp8_blockwise
+from dsv4_kernels.testing import assert_calc_diff, assert_same_nonfinite, bf16_ulp
+
+__all__ = ["mxfp4_grouped_gemm", "fp4_grouped_moe", "ACT_BLOCK_SIZES", "WEIGHT_BLOCK", "CALC_DIFF_LIMIT",
+           "compare_gemm", "compare_moe", "MODELS", "gemm_inputs", "moe_inputs", "GEMM_LABELS", "MOE_LABELS"]
+
+OP_GEMM = "mxfp4_grouped_gemm"
+OP_MOE = "fp4_grouped_moe"
+ACT_BLOCK_SIZES = (32, 128)   # SPEC 5: DeepGEMM quantises activations per 32, the reference granularity is 128
+WEIGHT_BLOCK = 32             # MXFP4: one ue8m0 scale per 32 weights along K
+
+
+def _finite_float(name: str, value, note: str = "") -> None:
+    """A finite real number (bool refused). _checks has only positive_float; swiglu_limit may be <= 0."""
+    expected = f"a finite float{note}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name}: expected {expected}, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")
+
+
+def _act_block(act_block_size) -> int:
+    value = _checks.integer("act_block_size", act_block_size)
+    _checks.one_of("act_block_size", value, ACT_BLOCK_SIZES)
+    return value
+
+
+def validate_gemm(a, a_scale, b, b_scale, m_indices, act_block_size) -> None:
+    """Metadata checks of mxfp4_grouped_gemm (no tensor value is read: CUDA-graph safe)."""
+    block = _act_block(act_block_size)
+    _checks.tensor("a", a, torch.float8_e4m3fn, ndim=2)
+    M, K = a.shape
+    if K < 1 or K % block:
+        raise ValueError(f"a: expected shape (M, K) with K a positive multiple of act_block_size {block}, "
+                         f"got {tuple(a.shape)}")
+    _checks.tensor("a_scale", a_scale, torch.float32)
+    _checks.shape("a_scale", a_scale, (M, K // block))
+    _checks.tensor("b", b, torch.uint8, ndim=3)
+    _checks.shape("b", b, (None, None, K // 2))
+    G, N = b.shape[0], b.shape[1]
+    if G < 1 or N < 1:
+        raise ValueError(f"b: expected shape (G, N, K/2) with G >= 1 groups and N >= 1 rows, got {tuple(b.shape)}")
+    _checks.tensor("b_scale", b_scale, torch.uint8)
+    _checks.shape("b_scale", b_scale, (G, N, K // WEIGHT_BLOCK))
+    _checks.tensor("m_indices", m_indices, torch.int32)
+    _checks.shape("m_indices", m_indices, (M,))
+    _checks.same_device(a=a, a_scale=a_scale, b=b, b_scale=b_scale, m_indices=m_indices)
+
+
+def validate_moe(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, act_block_size, swiglu_limit) -> None:
+    """Metadata checks of fp4_grouped_moe (no tensor value is read: CUDA-graph safe)."""
+    block = _act_block(act_block_size)
+    _checks.tensor("x", x, torch.bfloat16, ndim=2)
+    T, dim = x.shape
+    if dim < 1 or dim % block:
+        raise ValueError(f"x: expected shape (T, dim) with dim a positive multiple of act_block_size {block}, "
+                         f"got {tuple(x.shape)}")
+    _checks.tensor("topk_ids", topk_ids, torch.int32, ndim=2)
+    _checks.shape("topk_ids", topk_ids, (T, None))
+    k = topk_ids.shape[1]
+    if k < 1:
+        raise ValueError(f"topk_ids: expected shape (T, k) with k >= 1, got {tuple(topk_ids.shape)}")
+    _checks.tensor("topk_weights", topk_weights, torch.float32)
+    _checks.shape("topk_weights", topk_weights, (T, k))
+    _checks.tensor("w13", w13, torch.uint8, ndim=3)
+    _checks.shape("w13", w13, (None, None, dim // 2))
+    E, two_i = w13.shape[0], w13.shape[1]
+    if E < 1:
+        raise ValueError(f"w13: expected shape (E, 2I, dim/2) with E >= 1 experts, got {tuple(w13.shape)}")
+    if two_i < 2 or two_i % (2 * block):
+        raise ValueError(f"w13: expected shape (E, 2I, dim/2) with I a positive multiple of act_block_size "
+                         f"{block}, got {tuple(w13.shape)}")
+    inter = two_i // 2
+    _checks.tensor("w13_scale", w13_scale, torch.uint8)
+    _checks.shape("w13_scale", w13_scale, (E, two_i, dim // WEIGHT_BLOCK))
+    _checks.tensor("w2", w2, torch.uint8)
+    _checks.shape("w2", w2, (E, dim, inter // 2))
+    _checks.tensor("w2_scale", w2_scale, torch.uint8)
+    _checks.shape("w2_scale", w2_scale, (E, dim, inter // WEIGHT_BLOCK))
+    _finite_float("swiglu_limit", swiglu_limit, " (<= 0 disables the clamp)")
+    _checks.same_device(x=x, topk_ids=topk_ids, topk_weights=topk_weights, w13=w13, w13_scale=w13_scale,
+                        w2=w2, w2_scale=w2_scale)
+
+
+for _op in (OP_GEMM, OP_MOE):
+    dispatch.register(Implementation(
+        _op, "reference", "reference", ("cpu", "cuda", "rocm", "ascend"),
+        entry=f"dsv4_kernels.reference.moe:{_op}", priority=0))
+
+
+@torch.library.custom_op("dsv4::mxfp4_grouped_gemm", mutates_args=())
+def _mxfp4_grouped_gemm_op(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                           m_indices: torch.Tensor, act_block_size: int, impl: str) -> torch.Tensor:
+    return dispatch.call(OP_GEMM, a, a_scale, b, b_scale, m_indices, act_block_size, impl=impl or None)
+
+
+@_mxfp4_grouped_gemm_op.register_fake
+def _(a, a_scale, b, b_scale, m_indices, act_block_size, impl):
+    return a.new_empty((a.shape[0], b.shape[1]), dtype=torch.bfloat16)
+
+
+@torch.library.custom_op("dsv4::fp4_grouped_moe", mutates_args=())
+def _fp4_grouped_moe_op(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor,
+                        w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor, act_block_size: int,
+                        swiglu_limit: float, impl: str) -> torch.Tensor:
+    return dispatch.call(OP_MOE, x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, act_block_size,
+                         swiglu_limit, impl=impl or None)
+
+
+@_fp4_grouped_moe_op.register_fake
+def _(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, act_block_size, swiglu_limit, impl):
+    return x.new_empty(x.shape, dtype=torch.bfloat16)
+
+
+def mxfp4_grouped_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                       m_indices: torch.Tensor, act_block_size: int = 128, *,
+                       impl: str | None = None) -> torch.Tensor:
+    """Grouped GEMM of FP8 activations and MXFP4 weights: c[m] = dequant(a[m]) @ dequant(b[g])^T with
+    g = m_indices[m], fp32 accumulation, bf16 result (SPEC 5 fp4_gemm, SPEC 7).
+
+    Args:
+        a: [M, K] torch.float8_e4m3fn, contiguous: FP8 activations (e.g. quantize_fp8_blockwise(x,
+            act_block_size)). M may be 0. K is a positive multiple of act_block_size (hence of 32).
+        a_scale: [M, K / act_block_size] fp32, contiguous: the activations' block scales (powers of two
+            from quantize_fp8_blockwise; other positive values are multiplied in as they are).
+        b: [G, N, K / 2] uint8, contiguous: MXFP4 weights of G experts (groups), N output rows each, two
+            e2m1 codes per byte along K (low nibble = even k). G >= 1, N >= 1.
+        b_scale: [G, N, K / 32] uint8 ue8m0 bytes, contiguous.
+        m_indices: [M] int32, contiguous: the group of each row. Rows of one group are meant to be
+            contiguous (kernels may rely on it; the reference does not). -1, or any value outside
+            [0, G), marks a padding row (output 0); values are not checked (that would read them back).
+        act_block_size: 32 or 128, the activation block along K.
+        impl: run this implementation ("reference") or raise; None lets the dispatcher choose.
+    Returns:
+        c: [M, N] bf16: the reference computes the exact product sum, rounds it once to fp32 (an fp32
+        accumulator without rounding error) and then to bf16; kernels accumulate in fp32 in their own
+        order (tolerance: calc_diff < 0.01, SPEC 5). A weight scale byte 255 makes its rows NaN.
+    Raises:
+        ValueError naming the argument, the expected and the actual value for a wrong dtype (a must be
+        e4m3fn: the reference and the SPEC define OCP FP8 activations), rank, shape relation (K / 2,
+        K / act_block_size, K / 32, [G, N], [M]), act_block_size not in {32, 128}, device or layout.
+    """
+    validate_gemm(a, a_scale, b, b_scale, m_indices, act_block_size)
+    return _mxfp4_grouped_gemm_op(a, a_scale, b, b_scale, m_indices, int(act_block_size), impl or "")
+
+
+def fp4_grouped_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor,
+                    w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor, act_block_size: int = 128,
+                    swiglu_limit: float = 10.0, *, impl: str | None = None) -> torch.Tensor:
+    """The routed experts of one MoE layer with FP8 activations and MXFP4 weights (SPEC 5); the shared
+    expert is not included.
+
+    For each (token t, slot j) whose expert e = topk_ids[t, j] is valid:
+        xq    = FP8 e4m3fn block quantisation of x[t] (block act_block_size along dim)
+        g, u  = xq @ W1_e^T, xq @ W3_e^T   (fp32 accumulation, each rounded to bf16)
+        u     = clamp(u, -swiglu_limit, swiglu_limit);  g = clamp(g, max=swiglu_limit)  (one-sided)
+        h     = silu(g) * u * topk_weights[t, j]      (fp32; the weight is applied BEFORE the down GEMM)
+        y_e   = FP8 block quantisation of h.to(bf16) (block act_block_size along I) @ W2_e^T, to bf16
+    y[t] = the sum of its y_e in fp32, cast to bf16.
+
+    Args:
+        x: [T, dim] bf16, contiguous; T may be 0; dim a positive multiple of act_block_size (V4-Flash
+            4096, V4-Pro 7168).
+        topk_ids: [T, k] int32, contiguous, k >= 1 (6 in V4). -1 (a dropped slot), or any id outside
+            [0, E), contributes nothing (not checked: ids stay on the device). A duplicate id in a row
+            counts once per occurrence.
+        topk_weights: [T, k] fp32, contiguous: the routing weights (score_topk / hash_topk output).
+        w13: [E, 2I, dim / 2] uint8 MXFP4, contiguous; rows [0, I) are the gate W1, rows [I, 2I) the up
+            projection W3. E >= 1 (256 V4-Flash, 384 V4-Pro); I a positive multiple of act_block_size
+            (2048 V4-Flash, 3072 V4-Pro).
+        w13_scale: [E, 2I, dim / 32] uint8 ue8m0.
+        w2: [E, dim, I / 2] uint8 MXFP4 down projection.
+        w2_scale: [E, dim, I / 32] uint8 ue8m0.
+        act_block_size: 32 (DeepGEMM's granularity) or 128 (the SPEC's reference granularity).
+        swiglu_limit: a finite float (10.0 in V4). A value <= 0 disables both clamps (the reference's
+            convention: 0 means "no clamp", not "clamp to 0").
+        impl: run this implementation ("reference") or raise; None lets the dispatcher choose.
+    Returns:
+        y: [T, dim] bf16. A token whose slots are all invalid gets 0; T = 0 gives a [0, dim] tensor. Only
+        the experts named in topk_ids are read, so other experts' weights may hold anything.
+    Raises:
+        ValueError naming the argument, the expected and the actual value for a wrong dtype, rank, shape
+        relation ([T, k] ids and weights, [E, 2I, dim/2], [E, 2I, dim/32], [E, dim, I/2], [E, dim, I/32]),
+        act_block_size not in {32, 128}, a non-finite swiglu_limit, device or layout.
+    """
+    validate_moe(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, act_block_size, swiglu_limit)
+    return _fp4_grouped_moe_op(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, int(act_block_size),
+                               float(swiglu_limit), impl or "")
+
+
+# Tolerances. Against the reference (kernels, device runs): SPEC 5, calc_diff < 0.01 with one FP4 operand
+# (the FP8 activations of both sides are the same bytes; kernels differ by their fp32 accumulation order,
+# which moves a bf16 rounding of g/u or y by an ulp and an FP8 rounding of h by a step: noise far below
+# 1e-2, while wrong weight rows or a missing clamp give ~1e-1 to 1; a routing weight applied after the
+# down GEMM differs only through roundings, which the exact hand case of the tests catches). Non-finite
+# positions must agree.
+# Reference against the fp64 oracle (the ladder's CPU check): the oracle attaches its unrounded fp64
+# result as `expected.oracle_fp64`, and compare then also bounds every element:
+#   - grouped GEMM: both sides sum exact FP8 x FP4 products in fp64 (exact for realistic data) and round
+#     to fp32 then bf16, so |c - exact| <= half a bf16 ulp of exact plus the fp32 rounding, 2^-24 |exact|
+#     (bound 0.5 ulp + 2^-23 |exact|);
+#   - MoE: both sides share every rounding point up to the last (the bf16 g/u and y_e, the fp32 h, its
+#     bf16 and FP8 roundings); the reference sums the bf16 y_e in fp32 (exact unless the k terms span
+#     more than 16 binades) and rounds to bf16 (half an ulp): bound one bf16 ulp of the exact sum.
+CALC_DIFF_LIMIT = 0.01
+
+
+def _check_bf16(out: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    if out.dtype != expected.dtype or out.shape != expected.shape:
+        raise AssertionError(f"{what}: got {out.dtype} {tuple(out.shape)}, expected {expected.dtype} "
+                             f"{tuple(expected.shape)}")
+    assert_same_nonfinite(out, expected, what)
+    finite = expected.isfinite()
+    assert_calc_diff(out[finite], expected[finite], CALC_DIFF_LIMIT, what)
+
+
+def _within(out: torch.Tensor, exact: torch.Tensor, bound: torch.Tensor, what: str) -> None:
+    a = out.double()
+    finite = exact.isfinite()
+    bad = finite & ((a - exact).abs() > bound)
+    if bool(bad.any()):
+        pos = tuple(int(i) for i in bad.nonzero()[0])
+        raise AssertionError(f"{what}: {int(bad.sum())} of {a.numel()} elements beyond the oracle bound, first at "
+                             f"{pos}: actual {a[pos].item():.8g}, exact {exact[pos].item():.8g}, bound "
+                             f"{bound[pos].item():.3g}")
+
+
+def compare_gemm(out: torch.Tensor, expected: torch.Tensor) -> None:
+    """mxfp4_grouped_gemm output against the reference (calc_diff) or the oracle (also elementwise)."""
+    _check_bf16(out, expected, OP_GEMM)
+    exact = getattr(expected, "oracle_fp64", None)
+    if exact is not None:
+        bound = 0.5 * bf16_ulp(exact.float()).double() + 2.0 ** -23 * exact.abs()
+        _within(out, exact, bound, OP_GEMM)
+
+
+def compare_moe(out: torch.Tensor, expected: torch.Tensor) -> None:
+    """fp4_grouped_moe output against the reference (calc_diff) or the oracle (also elementwise)."""
+    _check_bf16(out, expected, OP_MOE)
+    exact = getattr(expected, "oracle_fp64", None)
+    if exact is not None:
+        _within(out, exact, bf16_ulp(exact.float()).double(), OP_MOE)
+
+
+MODELS = {"flash": (4096, 2048, 256), "pro": (7168, 3072, 384)}   # dim, I, routed experts (SPEC 0)
+
+
+def random_weights(n_experts: int, rows: int, k: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uniformly random FP4 codes (rms 2.93) with scale bytes around 2^round(log2(1 / (2.93 sqrt(k)))),
+    so entries have the magnitude of N(0, 1/sqrt(k)) weights; cheap at V4-Pro sizes."""
+    packed = torch.randint(0, 256, (n_experts, rows, k // 2), dtype=torch.uint8, device=device)
+    base = 127 + round(math.log2(1 / (2.93 * math.sqrt(k))))
+    scale = torch.randint(base - 1, base + 2, (n_experts, rows, k // WEIGHT_BLOCK), dtype=torch.uint8, device=device)
+    return packed, scale
+
+
+# Grouped GEMM cases: label -> (K, N, G, m_indices, act_block_size). V4 sizes: the gate/up GEMM has
+# K = dim, N = 2I; the down GEMM K = I, N = dim. Few groups keep the weights small.
+_GEMM_CASES = {
+    "flash-w13-K4096-N4096-M3": (4096, 4096, 2, [0, 0, 1], 128),
+    "flash-w2-K2048-N4096-M1": (2048, 4096, 2, [1], 32),
+    "pro-w2-K3072-N7168-M3-padding": (3072, 7168, 2, [0, -1, -1], 32),
+    "pro-w13-K7168-N6144-M0": (7168, 6144, 2, [], 128),
+    "odd-K96-N63-M7-G3": (96, 63, 3, [0, 0, 2, 2, 2, -1, 3], 32),
+}
+GEMM_LABELS = tuple(_GEMM_CASES)
+
+
+def gemm_inputs(label: str, device) -> tuple:
+    """(a, a_scale, b, b_scale, m_indices, act_block_size) of a grouped GEMM case, on `device`. An id of G
+    (one past the last group) joins the -1 padding rows in the odd case."""
+    K, N, G, ids, block = _GEMM_CASES[label]
+    x = torch.randn(len(ids), K, device=device) * torch.exp(torch.randn(len(ids), 1, device=device))
+    a, a_scale = quantize_fp8_blockwise(x.to(torch.bfloat16), block)
+    b, b_scale = random_weights(G, N, K, device)
+    return a, a_scale, b, b_scale, torch.tensor(ids, dtype=torch.int32, device=device), block
+
+
+# MoE cases: label -> (dim, I, E, T, act_block_size, x scale, experts the routing may use). Routing rows
+# mix valid ids, -1 and an id E (invalid too). x scale 40 drives most gate/up values past the clamp. The
+# V4-Pro token touches one of its two experts: decoding a V4-Pro expert costs about a second on a CPU.
+_MOE_CASES = {
+    "flash-E2-T3-b128": (4096, 2048, 2, 3, 128, 1.0, None),
+    "flash-E2-T0-b32": (4096, 2048, 2, 0, 32, 1.0, None),
+    "pro-E2-T1-b32": (7168, 3072, 2, 1, 32, 1.0, (1,)),
+    "pro-E2-T0-b128": (7168, 3072, 2, 0, 128, 1.0, None),
+    "flash-true-E256-dim256-I128-T3": (256, 128, 256, 3, 128, 1.0, None),
+    "pro-true-E384-dim256-I128-T3": (256, 128, 384, 3, 32, 1.0, None),
+    "odd-dim160-I96-E3-T5-clamp": (160, 96, 3, 5, 32, 40.0, None),
+}
+MOE_LABELS = tuple(_MOE_CASES)
+
+
+def _routing(T: int, E: int, experts, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, 6] ids: up to 5 distinct experts per row (from `experts`, default all; odd rows use the last
+    one) in random slots, the other slots -1, and in the last row one slot E (one past the last expert,
+    invalid too); weights are a softmax times 2.5 (V4-Pro's routed_scaling_factor)."""
+    pool = torch.arange(E) if experts is None else torch.tensor(experts)
+    rows = []
+    for t in range(T):
+        row = [-1] * 6
+        chosen = pool[torch.randperm(len(pool))[:min(len(pool), 5)]].tolist()
+        if t % 2 and int(pool[-1]) not in chosen:
+            chosen[0] = int(pool[-1])
+        for slot, e in zip(torch.randperm(6).tolist(), chosen):
+            row[slot] = e
+        if t == T - 1:
+            row[row.index(-1)] = E
+        rows.append(row)
+    ids = torch.tensor(rows, dtype=torch.int32).reshape(T, 6)
+    return ids.to(device), (torch.softmax(torch.randn(T, 6), dim=-1) * 2.5).to(device)
+
+
+def moe_inputs(label: str, device) -> tuple:
+    """(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, act_block_size, swiglu_limit) on `device`."""
+    dim, inter, E, T, block, x_scale, experts = _MOE_CASES[label]
+    x = (x_scale * torch.randn(T, dim, device=device)).to(torch.bfloat16)
+    ids, weights = _routing(T, E, experts, device)
+    w13, w13_scale = random_weights(E, 2 * inter, dim, device)
+    w2, w2_scale = random_weights(E, dim, inter, device)
+    return x, ids, weights, w13, w13_scale, w2, w2_scale, block, 10.0
+
+
+def _gemm_cases(device: torch.device) -> list[tuple[str, tuple, dict]]:
+    return [(label, gemm_inputs(label, device), {}) for label in GEMM_LABELS]
+
+
+def _moe_cases(device: torch.device) -> list[tuple[str, tuple, dict]]:
+    return [(label, moe_inputs(label, device), {}) for label in MOE_LABELS]
+
+
+register_check(OpCheck(OP_GEMM, _gemm_cases, compare_gemm, oracle=oracle.mxfp4_grouped_gemm))
+register_check(OpCheck(OP_MOE, _moe_cases, compare_moe, oracle=oracle.fp4_grouped_moe))

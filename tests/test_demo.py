@@ -1,0 +1,29 @@
+"""`dsv4k demo`: the tiny V4 block passes, and a broken decode path makes it fail."""
+import torch
+
+import dsv4_kernels as dk
+from dsv4_kernels import demo
+
+
+def test_demo_block_passes_both_checks_on_both_layers():
+    results, chosen = demo.run_demo(prefill_len=250, decode_steps=8)
+    assert [(r.ratio, r.check) for r in results] == [
+        (4, "dispatch vs reference"), (4, "prefill+decode vs prefill"),
+        (128, "dispatch vs reference"), (128, "prefill+decode vs prefill")]
+    assert all(r.ok for r in results), [(r.ratio, r.check, r.calc_diff, r.note) for r in results]
+    ops = {op for op, _ in chosen}
+    assert {"mhc_pre", "mhc_post", "sparse_mqa", "compressor_prefill", "compressor_decode", "hash_topk",
+            "score_topk", "fp4_grouped_moe"} <= ops
+
+
+def test_demo_catches_a_decode_path_that_never_emits(monkeypatch):
+    real = dk.compressor_decode
+
+    def never_emits(*args, **kwargs):
+        entries, emitted = real(*args, **kwargs)
+        return entries, torch.zeros_like(emitted)
+
+    monkeypatch.setattr(dk, "compressor_decode", never_emits)
+    results, _ = demo.run_demo(prefill_len=250, decode_steps=8)
+    failed = [(r.ratio, r.check) for r in results if not r.ok]
+    assert (128, "prefill+decode vs prefill") in failed
