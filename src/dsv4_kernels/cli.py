@@ -66,9 +66,7 @@ def _table(records) -> str:
 def cmd_check(args) -> int:
     from dsv4_kernels import ladder
     backends = tuple(args.backend) if args.backend else BACKEND_CHOICES
-    records = ladder.run(backends)
-    if args.op:
-        records = [r for r in records if r.op in args.op]
+    records = ladder.run(backends, ops=tuple(args.op) if args.op else None)
     if args.json:
         for r in records:
             print(json.dumps(asdict(r)))

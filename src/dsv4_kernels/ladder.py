@@ -6,7 +6,7 @@ cpu-numerics -> codegen -> device-numerics -> device-perf, each with status pass
   op's independent fp64 oracle.
 - codegen: the implementation compiled for each target of its backends (codegen.py).
 - device-numerics: the sample cases on the backend's device against the reference on the CPU.
-- device-perf: a benchmark result for this chip recorded under bench/results/.
+- device-perf: a measured, correct benchmark result for this chip recorded under bench/results/.
 """
 from __future__ import annotations
 
@@ -109,10 +109,19 @@ def run_cases(op: str, impl_name: str, device: torch.device) -> str:
     return summary + (f"; refused by supports(): {'; '.join(refused)}" if refused else "")
 
 
-def cpu_numerics() -> list[Record]:
+def _selected(ops: tuple[str, ...] | None) -> list[str]:
+    """The registered ops, or those named (an unknown name raises ValueError with the expected names)."""
+    if not ops:
+        return dispatch.ops()
+    for op in ops:
+        dispatch.implementations(op)
+    return sorted(set(ops))
+
+
+def cpu_numerics(ops: tuple[str, ...] | None = None) -> list[Record]:
     """cpu-numerics records of every (op, impl) that serves the CPU, in this process."""
     records = []
-    for op in dispatch.ops():
+    for op in _selected(ops):
         for impl in dispatch.implementations(op):
             if not impl.serves("cpu"):
                 continue
@@ -131,10 +140,11 @@ def cpu_numerics() -> list[Record]:
     return records
 
 
-def cpu_numerics_in_interpreter() -> list[Record]:
+def cpu_numerics_in_interpreter(ops: tuple[str, ...] | None = None) -> list[Record]:
     """cpu-numerics in a subprocess with the Triton interpreter on, so Triton kernels run on the CPU."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", "import sys; from dsv4_kernels.ladder import main; sys.exit(main())"],
+    proc = subprocess.run([sys.executable, "-c", "import sys; from dsv4_kernels.ladder import main; sys.exit(main())",
+                           *_selected(ops)],
                           capture_output=True, text=True, env=env, timeout=1800)
     if proc.returncode != 0:
         raise RuntimeError(f"cpu-numerics subprocess failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -151,9 +161,9 @@ def _summary(artifacts: list[dict]) -> str:
     return "; ".join(parts)
 
 
-def codegen_records(backends: tuple[str, ...]) -> list[Record]:
+def codegen_records(backends: tuple[str, ...], ops: tuple[str, ...] | None = None) -> list[Record]:
     from dsv4_kernels.codegen import compile_many, targets_for
-    jobs = [(op, impl, t) for op in dispatch.ops() for impl in dispatch.implementations(op)
+    jobs = [(op, impl, t) for op in _selected(ops) for impl in dispatch.implementations(op)
             for t in targets_for(impl) if t.backend in backends]
     results = compile_many([{"op": op, "impl": impl.name, "target": t.name} for op, impl, t in jobs])
     records = []
@@ -175,7 +185,8 @@ def _perf_record(op: str, impl: dispatch.Implementation, device: platform.Device
         for path in sorted(folder.glob("*.jsonl")):
             for line in path.read_text().splitlines():
                 row = json.loads(line) if line.strip() else {}
-                if row.get("op") == op and row.get("impl") == impl.name and row.get("chip") == device.name:
+                if (row.get("op") == op and row.get("impl") == impl.name and row.get("chip") == device.name
+                        and row.get("status") == "measured" and row.get("correct") is True):
                     rows.append(path.name)
     if rows:
         rec.status, rec.reason = "pass", f"benchmark results for {device.name} in {', '.join(sorted(set(rows)))}"
@@ -184,9 +195,9 @@ def _perf_record(op: str, impl: dispatch.Implementation, device: platform.Device
     return rec
 
 
-def device_records(backends: tuple[str, ...]) -> list[Record]:
+def device_records(backends: tuple[str, ...], ops: tuple[str, ...] | None = None) -> list[Record]:
     records = []
-    for op in dispatch.ops():
+    for op in _selected(ops):
         for impl in dispatch.implementations(op):
             for backend in impl.backends:
                 if backend == "cpu" or backend not in backends:
@@ -213,21 +224,22 @@ def device_records(backends: tuple[str, ...]) -> list[Record]:
     return records
 
 
-def run(backends: tuple[str, ...] = ("cuda", "rocm", "ascend"), levels: tuple[str, ...] = LEVELS) -> list[Record]:
-    """The whole ladder for these backends. CPU numerics always run in an interpreter subprocess."""
+def run(backends: tuple[str, ...] = ("cuda", "rocm", "ascend"), levels: tuple[str, ...] = LEVELS,
+        ops: tuple[str, ...] | None = None) -> list[Record]:
+    """The ladder for these backends and ops (None: all). CPU numerics run in an interpreter subprocess."""
     import dsv4_kernels  # noqa: F401  (registers the ops)
     records: list[Record] = []
     if "cpu-numerics" in levels:
-        records += cpu_numerics_in_interpreter()
+        records += cpu_numerics_in_interpreter(ops)
     if "codegen" in levels:
-        records += codegen_records(backends)
+        records += codegen_records(backends, ops)
     if "device-numerics" in levels or "device-perf" in levels:
-        records += [r for r in device_records(backends) if r.level in levels]
+        records += [r for r in device_records(backends, ops) if r.level in levels]
     return records
 
 
 def main() -> int:
     """Subprocess entry of cpu_numerics_in_interpreter: JSON records as the last stdout line."""
     import dsv4_kernels  # noqa: F401
-    print(json.dumps([asdict(r) for r in cpu_numerics()]))
+    print(json.dumps([asdict(r) for r in cpu_numerics(tuple(sys.argv[1:]) or None)]))
     return 0

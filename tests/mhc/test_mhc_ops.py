@@ -62,8 +62,9 @@ def test_sinkhorn_matches_reference(impl, device, T, comb_scale, iters, eps):
 @pytest.mark.op("mhc_pre")
 @pytest.mark.parametrize("dim", DIMS.values(), ids=DIMS.keys())
 @pytest.mark.parametrize("T", [0, 1, 3])
-def test_pre_matches_reference(impl, device, dim, T):
+def test_pre_matches_reference(impl, device, dim, T, require_supported):
     x, site = _residual(T, dim), _site(dim)
+    require_supported("mhc_pre", impl, x, *site)
     out = mhc_pre(*_on(device, x, *site), impl=impl)
     assert [tuple(o.shape) for o in out] == [(T, dim), (T, 4), (T, 4, 4)]
     _compare(out, reference.mhc_pre(x, *site), impl)
@@ -79,8 +80,9 @@ def test_pre_non_default_iters_and_eps(impl, device):
 @pytest.mark.op("mhc_post")
 @pytest.mark.parametrize("dim", DIMS.values(), ids=DIMS.keys())
 @pytest.mark.parametrize("T", [0, 1, 3])
-def test_post_matches_reference(impl, device, dim, T):
+def test_post_matches_reference(impl, device, dim, T, require_supported):
     f, x, (post, comb) = torch.randn(T, dim).to(torch.bfloat16), _residual(T, dim), _gates(T)
+    require_supported("mhc_post", impl, f, x, post, comb)
     out = mhc_post(*_on(device, f, x, post, comb), impl=impl)
     assert out.shape == (T, 4, dim) and out.dtype == torch.bfloat16
     _compare(out, reference.mhc_post(f, x, post, comb), impl)
@@ -89,7 +91,7 @@ def test_post_matches_reference(impl, device, dim, T):
 @pytest.mark.op("mhc_post")
 def test_post_orientation(impl, device):
     # comb[i, j]: source i feeds destination j. A cycle i -> i + 1 gives X'[:, j] = X[:, j - 1].
-    x, f = _residual(2, 64), torch.randn(2, 64).to(torch.bfloat16)
+    x, f = _residual(2, 256), torch.randn(2, 256).to(torch.bfloat16)
     cycle = torch.zeros(4, 4)
     cycle[torch.arange(4), (torch.arange(4) + 1) % 4] = 1
     out = mhc_post(*_on(device, f, x, torch.zeros(2, 4), cycle.expand(2, 4, 4).contiguous()), impl=impl)
@@ -99,8 +101,9 @@ def test_post_orientation(impl, device):
 @pytest.mark.op("mhc_head")
 @pytest.mark.parametrize("dim", DIMS.values(), ids=DIMS.keys())
 @pytest.mark.parametrize("T", [0, 1, 3])
-def test_head_matches_reference(impl, device, dim, T):
+def test_head_matches_reference(impl, device, dim, T, require_supported):
     x, site = _residual(T, dim), _site(dim, rows=4)
+    require_supported("mhc_head", impl, x, *site)
     out = mhc_head(*_on(device, x, *site), impl=impl)
     assert out.shape == (T, dim) and out.dtype == torch.bfloat16
     _compare(out, reference.mhc_head(x, *site), impl)
@@ -109,8 +112,9 @@ def test_head_matches_reference(impl, device, dim, T):
 @pytest.mark.op("mhc_post_pre")
 @pytest.mark.parametrize("dim", DIMS.values(), ids=DIMS.keys())
 @pytest.mark.parametrize("T", [0, 1, 3])
-def test_post_pre_is_post_then_pre(impl, device, dim, T):
+def test_post_pre_is_post_then_pre(impl, device, dim, T, require_supported):
     f, x, (post, comb), site = torch.randn(T, dim).to(torch.bfloat16), _residual(T, dim), _gates(T), _site(dim)
+    require_supported("mhc_post_pre", impl, f, x, post, comb, *site)
     out = mhc_post_pre(*_on(device, f, x, post, comb, *site), impl=impl)
     assert [tuple(o.shape) for o in out] == [(T, 4, dim), (T, dim), (T, 4), (T, 4, 4)]
     _compare(out[0], reference.mhc_post(f, x, post, comb), impl)
@@ -220,7 +224,8 @@ def test_valid_arguments_of_the_refusal_table_run():
     with dispatch.recording() as calls:
         for op in ops.OPS:
             getattr(ops, op)(**_valid(op))
-    assert calls == {(op, "reference"): 1 for op in ops.OPS}
+    # Whichever implementation the dispatcher picks here (the Triton interpreter under pytest), each op ran once.
+    assert sorted(op for op, _ in calls) == sorted(ops.OPS) and set(calls.values()) == {1}
 
 
 def test_torch_library_ops_are_complete():
@@ -260,26 +265,36 @@ def test_torch_compile_traces_without_graph_breaks():
     assert explain.graph_break_count == 0 and explain.graph_count == 1
 
 
+def _ladder_cases(op: str, impl: str, device, cases: int, odd_dim_case: str | None) -> None:
+    """All sample cases match; the kernels (built for dim % 256 == 0) refuse the odd-dim case by name."""
+    summary = ladder.run_cases(op, impl, device)
+    if impl == "reference" or odd_dim_case is None:
+        assert summary.startswith(f"{cases} cases match") and "refused" not in summary, summary
+    else:
+        assert summary.startswith(f"{cases - 1} cases match"), summary
+        assert f"refused by supports(): {odd_dim_case} (built for hidden sizes that are multiples of 256" in summary
+
+
 @pytest.mark.op("mhc_sinkhorn")
 def test_sinkhorn_ladder_cases(impl, device):
-    assert "7 cases match" in ladder.run_cases("mhc_sinkhorn", impl, device)
+    _ladder_cases("mhc_sinkhorn", impl, device, 7, None)
 
 
 @pytest.mark.op("mhc_pre")
 def test_pre_ladder_cases(impl, device):
-    assert "6 cases match" in ladder.run_cases("mhc_pre", impl, device)
+    _ladder_cases("mhc_pre", impl, device, 6, "odd-dim100-T3")
 
 
 @pytest.mark.op("mhc_post")
 def test_post_ladder_cases(impl, device):
-    assert "5 cases match" in ladder.run_cases("mhc_post", impl, device)
+    _ladder_cases("mhc_post", impl, device, 5, "odd-dim100-T3")
 
 
 @pytest.mark.op("mhc_head")
 def test_head_ladder_cases(impl, device):
-    assert "5 cases match" in ladder.run_cases("mhc_head", impl, device)
+    _ladder_cases("mhc_head", impl, device, 5, "odd-dim100-T3")
 
 
 @pytest.mark.op("mhc_post_pre")
 def test_post_pre_ladder_cases(impl, device):
-    assert "5 cases match" in ladder.run_cases("mhc_post_pre", impl, device)
+    _ladder_cases("mhc_post_pre", impl, device, 5, "odd-dim100-T3")

@@ -2,17 +2,20 @@
 fused post + pre of consecutive sites used at decode).
 
 The residual state X is [T, 4, dim] bf16 (hc_mult = 4 streams); a mixing site has hc_fn [24, 4 * dim],
-hc_scale [3] and hc_base [24], all fp32 (the head site: [4, 4 * dim], [1], [4]). Only the reference
-implementation exists so far.
+hc_scale [3] and hc_base [24], all fp32 (the head site: [4, 4 * dim], [1], [4]). Implementations: the
+PyTorch reference, Triton (kernels/mhc/triton.py) and TileLang (kernels/mhc/tilelang.py); both kernel
+languages serve hc_mult 4 and dim % 256 == 0 up to 8192 (kernels/mhc/README.md).
 """
 from __future__ import annotations
 
+import importlib
 import math
 
 import torch
 
-from dsv4_kernels import dispatch
+from dsv4_kernels import dispatch, toolchains
 from dsv4_kernels.dispatch import Implementation
+from dsv4_kernels.kernels import mhc as mhc_kernels
 from dsv4_kernels.ladder import OpCheck, register_check
 from dsv4_kernels.oracles import mhc as oracle
 from dsv4_kernels.ops import _checks
@@ -120,10 +123,53 @@ def validate_post_pre(f, x, post, comb, hc_fn, hc_scale, hc_base, iters, eps, no
     _positive_float("norm_eps", norm_eps)
 
 
+# Triton block sizes per op (compile-time; a tuned table per arch overrides them, see dispatch.config).
+# MIX_*: the split-K projection (tl.dot needs MIX_BLOCK_T >= 16; MIX_PROGRAMS is the grid size the split
+# plan aims at); OUT_*: the gates + Sinkhorn + stream-sum kernel. Chosen for decode and for no register
+# spills on the four targets (codegen); kernels/mhc/README.md explains them.
+_TWO_STAGE = {"MIX_BLOCK_T": 16, "MIX_BLOCK_D": 32, "MIX_PROGRAMS": 256, "MIX_WARPS": 4, "MIX_STAGES": 2,
+              "OUT_BLOCK_T": 4, "OUT_BLOCK_D": 512, "SPLIT_BLOCK": 16, "OUT_WARPS": 4}
+TRITON_DEFAULTS = {"mhc_sinkhorn": {"BLOCK_T": 32, "num_warps": 4}, "mhc_pre": _TWO_STAGE, "mhc_head": _TWO_STAGE,
+                   "mhc_post": {"BLOCK_T": 1, "BLOCK_D": 1024, "num_warps": 4},
+                   "mhc_post_pre": {**_TWO_STAGE, "MIX_BLOCK_D": 16}}
+# TileLang block sizes: the same values as kernels/mhc/tilelang.py's DEFAULTS (a test keeps them equal),
+# repeated here so that registering the ops does not import tilelang.
+TILELANG_DEFAULTS = {
+    "mhc_sinkhorn": {"threads": 128},
+    "mhc_pre": {"ROW_GROUPS": 4, "TOKEN_GROUPS": 2, "TOKENS": 8, "TARGET_BLOCKS": 264, "threads": 128},
+    "mhc_head": {"ROW_GROUPS": 1, "TOKEN_GROUPS": 4, "TOKENS": 8, "TARGET_BLOCKS": 264, "threads": 128},
+    "mhc_post": {"threads": 128},
+    "mhc_post_pre": {"ROW_GROUPS": 4, "TOKEN_GROUPS": 2, "TOKENS": 4, "TARGET_BLOCKS": 264, "threads": 128},
+}
+
+
+def _imported_on_use(entry: str):
+    """A supports() hook that imports its module on the first call: registering must not import tilelang."""
+    module, _, attr = entry.partition(":")
+
+    def supports(*args, **kwargs):
+        return getattr(importlib.import_module(module), attr)(*args, **kwargs)
+    return supports
+
+
 for _op in OPS:
     dispatch.register(Implementation(
         _op, "reference", "reference", ("cpu", "cuda", "rocm", "ascend"),
         entry=f"dsv4_kernels.reference.mhc:{_op}", priority=0))
+    # Both kernel languages serve the shapes of kernels.mhc.supports_<op>; TileLang adds its own limits
+    # (int32 token count, 16-byte aligned pointers).
+    dispatch.register(Implementation(
+        _op, "triton", "triton", ("cpu", "cuda", "rocm"),
+        entry=f"dsv4_kernels.kernels.mhc.triton:{_op}", priority=20,
+        available=toolchains.triton_available, supports=getattr(mhc_kernels, f"supports_{_op}"),
+        codegen=f"dsv4_kernels.kernels.mhc.triton:codegen_{_op}", defaults=dict(TRITON_DEFAULTS[_op])))
+    # TileLang GPU kernels cannot run on this CPU-only build machine (codegen-verified only): lower priority.
+    dispatch.register(Implementation(
+        _op, "tilelang", "tilelang", ("cuda", "rocm"),
+        entry=f"dsv4_kernels.kernels.mhc.tilelang:{_op}", priority=10,
+        available=toolchains.tilelang_available,
+        supports=_imported_on_use(f"dsv4_kernels.kernels.mhc.tilelang:supports_{_op}"),
+        codegen=f"dsv4_kernels.kernels.mhc.tilelang:codegen_{_op}", defaults=dict(TILELANG_DEFAULTS[_op])))
 
 
 def _fake_gates(like: torch.Tensor, T, m) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,7 +249,7 @@ def mhc_sinkhorn(mixes: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Ten
     iters: int >= 1: 1 softmax, `iters` column and `iters - 1` row normalisations, ending on a column
         step (20 in V4).
     eps: positive finite float (hc_eps, 1e-6 in V4).
-    impl: run this implementation ("reference") or raise.
+    impl: run this implementation ("reference", "triton", "tilelang") or raise.
     Returns (pre [T, 4], post [T, 4], comb [T, 4, 4]), all fp32:
         pre = sigmoid(mixes[:, 0:4] * hc_scale[0] + hc_base[0:4]) + eps;
         post = 2 * sigmoid(mixes[:, 4:8] * hc_scale[1] + hc_base[4:8]);
@@ -223,13 +269,13 @@ def mhc_pre(x: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_bas
             impl: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Reduce the 4 residual streams to one sublayer input, and give the gates for mhc_post.
 
-    x: [T, 4, dim] bf16, contiguous: the residual state (dim = 4096 V4-Flash, 7168 V4-Pro; any dim >= 1).
-        T may be 0.
+    x: [T, 4, dim] bf16, contiguous: the residual state (dim = 4096 V4-Flash, 7168 V4-Pro; any dim >= 1
+        for the reference, dim % 256 == 0 up to 8192 for the kernels, which refuse other dims). T may be 0.
     hc_fn: [24, 4 * dim] fp32, contiguous, same device: the site's projection.
     hc_scale: [3] fp32; hc_base: [24] fp32: as in mhc_sinkhorn.
     iters, eps: as in mhc_sinkhorn.
     norm_eps: positive finite float added to mean(xf^2) before the rsqrt (1e-6).
-    impl: run this implementation ("reference") or raise.
+    impl: run this implementation ("reference", "triton", "tilelang") or raise.
     Returns:
         y [T, dim] bf16 = sum_i pre[:, i] * x[:, i, :] (fp32, rounded once);
         post [T, 4] fp32 and comb [T, 4, 4] fp32: mhc_sinkhorn of
@@ -251,7 +297,7 @@ def mhc_post(f: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.T
     x: [T, 4, dim] bf16, contiguous: the residual state the sublayer's mhc_pre read.
     post: [T, 4] fp32 and comb: [T, 4, 4] fp32, contiguous: the gates mhc_pre returned;
         comb[t, i, j] with i = source stream, j = destination stream.
-    All on one device. impl: run this implementation ("reference") or raise.
+    All on one device. impl: run this implementation ("reference", "triton", "tilelang") or raise.
     Returns: X' [T, 4, dim] bf16, X'[:, j] = post[:, j] * F + sum_i comb[:, i, j] * X[:, i] in fp32,
         rounded once. A new tensor (x is not updated in place).
     Edge cases: T = 0 gives an empty output; comb = identity and post = 0 return x unchanged.
@@ -269,7 +315,7 @@ def mhc_head(x: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_ba
     hc_fn: [4, 4 * dim] fp32; hc_scale: [1] fp32; hc_base: [4] fp32; contiguous, same device.
     eps: positive finite float added to the sigmoid gate (1e-6).
     norm_eps: positive finite float added to mean(xf^2) before the rsqrt (1e-6).
-    impl: run this implementation ("reference") or raise.
+    impl: run this implementation ("reference", "triton", "tilelang") or raise.
     Returns: y [T, dim] bf16 = sum_i pre[:, i] * x[:, i, :], pre = sigmoid(mixes * hc_scale[0] + hc_base)
         + eps with mixes the RMS-scaled projection of mhc_pre; no Sinkhorn.
     Edge cases: T = 0 gives an empty output; an all-zero token gives y = 0.
@@ -289,7 +335,7 @@ def mhc_post_pre(f: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: tor
     f, x, post, comb: the inputs of mhc_post (shapes and dtypes there).
     hc_fn [24, 4 * dim], hc_scale [3], hc_base [24], iters, eps, norm_eps: the site inputs of mhc_pre for
         the next sublayer. All tensors contiguous and on one device. T may be 0.
-    impl: run this implementation ("reference") or raise.
+    impl: run this implementation ("reference", "triton", "tilelang") or raise.
     Returns (x_new [T, 4, dim] bf16, y [T, dim] bf16, post_new [T, 4] fp32, comb_new [T, 4, 4] fp32):
         x_new = mhc_post(f, x, post, comb); (y, post_new, comb_new) = mhc_pre(x_new, hc_fn, ...), reading
         x_new after its rounding to bf16, so the result equals the two ops applied in turn.

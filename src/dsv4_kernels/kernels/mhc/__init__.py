@@ -1,0 +1,103 @@
+"""mHC kernels (SPEC 4): triton.py and tilelang.py, one source each for every GPU target.
+
+This module holds what both languages share and what needs no toolchain: the shape contract the
+kernels were built for (the `supports_*` guards the dispatcher asks before a launch) and the split-K
+plan of the RMS-scaled projection (how many K splits, hence the workspace shapes). See README.md.
+"""
+from __future__ import annotations
+
+import torch
+
+HC_MULT = 4
+MIX_ROWS = (2 + HC_MULT) * HC_MULT  # 24: pre gates, post gates, the 4 x 4 comb logits
+DIM_MULTIPLE = 256
+MAX_DIM = 8192
+
+__all__ = ["HC_MULT", "MIX_ROWS", "DIM_MULTIPLE", "MAX_DIM", "cdiv", "split_plan", "workspace_shapes",
+           "supports_mhc_sinkhorn", "supports_mhc_pre", "supports_mhc_post", "supports_mhc_head",
+           "supports_mhc_post_pre"]
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def split_plan(T: int, dim: int, block_t: int, block_d: int, programs: int) -> tuple[int, int]:
+    """(splits, tiles_per_split) of the split-K projection over K = 4 * dim.
+
+    Split s owns dim tiles [s * tiles_per_split, (s + 1) * tiles_per_split) of BLOCK_D columns, for all
+    4 streams. Splits are added until the grid (token blocks x splits) reaches `programs` or every
+    split holds one tile: decode (few token blocks) spreads the hc_fn read over many programs, prefill
+    (many token blocks) keeps one split and no partial traffic. The plan depends on T, so the fp32
+    summation order (deterministic for a given T and config) may differ between batch sizes.
+    """
+    tiles = cdiv(dim, block_d)
+    want = max(1, min(tiles, cdiv(programs, max(1, cdiv(T, block_t)))))
+    per = cdiv(tiles, want)
+    return cdiv(tiles, per), per
+
+
+def workspace_shapes(T: int, dim: int, rows: int, block_t: int, block_d: int,
+                     programs: int) -> tuple[tuple[int, int, int], tuple[int, int]]:
+    """Shapes of the fp32 split-K workspace: partial mixes [splits, T, rows], sums of squares [splits, T]."""
+    splits, _ = split_plan(T, dim, block_t, block_d, programs)
+    return (splits, T, rows), (splits, T)
+
+
+def _residual_reason(x) -> str | None:
+    if x.dtype != torch.bfloat16:
+        return f"x must be bf16, got {x.dtype}"
+    if x.dim() != 3 or x.shape[1] != HC_MULT:
+        return f"x must be [T, {HC_MULT}, dim] (hc_mult {HC_MULT}), got {tuple(x.shape)}"
+    if not x.is_contiguous():
+        return "x must be contiguous"
+    dim = x.shape[2]
+    if dim % DIM_MULTIPLE or not 0 < dim <= MAX_DIM:
+        return (f"built for hidden sizes that are multiples of {DIM_MULTIPLE} up to {MAX_DIM} "
+                f"(4096 V4-Flash, 7168 V4-Pro), got dim {dim}")
+    return None
+
+
+def _iters_reason(iters) -> str | None:
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        return f"iters must be an int >= 1, got {iters!r}"
+    return None
+
+
+def _fp32_contiguous(**tensors) -> str | None:
+    for name, t in tensors.items():
+        if t.dtype != torch.float32:
+            return f"{name} must be fp32, got {t.dtype}"
+        if not t.is_contiguous():
+            return f"{name} must be contiguous"
+    return None
+
+
+def supports_mhc_sinkhorn(mixes, hc_scale, hc_base, hc_mult=4, iters=20, eps=1e-6) -> str | None:
+    if hc_mult != HC_MULT:
+        return f"built for hc_mult {HC_MULT}, got {hc_mult}"
+    if mixes.dim() != 2 or mixes.shape[1] != MIX_ROWS:
+        return f"mixes must be [T, {MIX_ROWS}], got {tuple(mixes.shape)}"
+    return _iters_reason(iters) or _fp32_contiguous(mixes=mixes, hc_scale=hc_scale, hc_base=hc_base)
+
+
+def supports_mhc_pre(x, hc_fn, hc_scale, hc_base, iters=20, eps=1e-6, norm_eps=1e-6) -> str | None:
+    return (_residual_reason(x) or _iters_reason(iters)
+            or _fp32_contiguous(hc_fn=hc_fn, hc_scale=hc_scale, hc_base=hc_base))
+
+
+def supports_mhc_post(f, x, post, comb) -> str | None:
+    if f.dtype != torch.bfloat16:
+        return f"f must be bf16, got {f.dtype}"
+    if not f.is_contiguous():
+        return "f must be contiguous"
+    return _residual_reason(x) or _fp32_contiguous(post=post, comb=comb)
+
+
+def supports_mhc_head(x, hc_fn, hc_scale, hc_base, eps=1e-6, norm_eps=1e-6) -> str | None:
+    return _residual_reason(x) or _fp32_contiguous(hc_fn=hc_fn, hc_scale=hc_scale, hc_base=hc_base)
+
+
+def supports_mhc_post_pre(f, x, post, comb, hc_fn, hc_scale, hc_base, iters=20, eps=1e-6,
+                          norm_eps=1e-6) -> str | None:
+    return supports_mhc_post(f, x, post, comb) or supports_mhc_pre(x, hc_fn, hc_scale, hc_base, iters)
