@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from dsv4_kernels.oracles.sparse_mqa import sparse_mqa_fp64 as oracle
 from dsv4_kernels.reference import sparse_mqa as sparse_mqa_module
 from dsv4_kernels.reference.indices import build_sparse_indices
 from dsv4_kernels.reference.sparse_mqa import sparse_mqa
@@ -24,28 +25,6 @@ OUT_SLACK = 1e-5
 # lse is fp32 of magnitude <= ~10 (log of <= 1152 terms of order e): fp32 spacing there is ~1e-6,
 # the logits carry ~1e-7 of error each; atol 1e-5 / rtol 1e-6 is tight but safe.
 LSE_ATOL, LSE_RTOL = 1e-5, 1e-6
-
-
-def oracle(q, kv, indices, attn_sink, softmax_scale=None, topk_length=None):
-    """fp64, row by row: the sink as one more logit in a softmax, lse by logsumexp of the used logits."""
-    T, H, d = q.shape
-    n_rows = kv.shape[0]
-    scale = d ** -0.5 if softmax_scale is None else softmax_scale
-    out = torch.zeros(T, H, d, dtype=torch.float64)
-    lse = torch.full((T, H), INF, dtype=torch.float64)
-    for t in range(T):
-        entries = indices[t].tolist()
-        if topk_length is not None:
-            entries = entries[:max(0, int(topk_length[t]))]
-        used = [j for j in entries if 0 <= j < n_rows]
-        if not used:
-            continue
-        rows = kv[used].double()                                   # [n, d]
-        logits = scale * (q[t].double() @ rows.T)                  # [H, n]
-        lse[t] = torch.logsumexp(logits, dim=-1)
-        with_sink = torch.cat([logits, attn_sink.double()[:, None]], dim=-1)
-        out[t] = torch.softmax(with_sink, dim=-1)[:, :-1] @ rows
-    return out, lse
 
 
 def assert_out_rounded_from(actual: torch.Tensor, exact: torch.Tensor, slack: float = OUT_SLACK,
