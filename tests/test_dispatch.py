@@ -199,3 +199,17 @@ def test_recording_counts_what_ran(registry, on_h100):
         dispatch.call("toy", torch.zeros(2))
     dispatch.call("toy", torch.zeros(2))  # outside the block: not counted
     assert counts == {("toy", "triton"): 2, ("toy", "reference"): 1}
+
+
+def test_fallback_logs_once_per_kind_not_per_shape(registry, on_h100, caplog):
+    with caplog.at_level(logging.WARNING, "dsv4_kernels"):
+        dispatch.select("toy", (torch.zeros(3),))
+        dispatch.select("toy", (torch.zeros(5),))  # another shape, same kind of fallback
+    assert len(caplog.records) == 1
+
+
+def test_env_value_is_reparsed_when_it_changes(registry, on_h100, monkeypatch):
+    monkeypatch.setenv("DSV4K_IMPL", "toy=reference")
+    assert dispatch.select("toy", (torch.zeros(4),)).chosen.name == "reference"
+    monkeypatch.setenv("DSV4K_IMPL", "toy=triton")
+    assert dispatch.select("toy", (torch.zeros(4),)).chosen.name == "triton"

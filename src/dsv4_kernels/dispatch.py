@@ -14,6 +14,7 @@ reason, and `DSV4K_STRICT=1` turns it into `FallbackError`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import logging
 import os
@@ -106,6 +107,7 @@ def register(impl: Implementation) -> Implementation:
     if impl.name in impls:
         raise ValueError(f"{impl.op}: implementation {impl.name!r} is registered twice")
     impls[impl.name] = impl
+    _parse_env.cache_clear()
     return impl
 
 
@@ -129,10 +131,13 @@ def get(op: str, name: str) -> Implementation:
 
 def env_choices() -> dict[str, str]:
     """Parse DSV4K_IMPL ("op=impl,op=impl"); a malformed entry, unknown op or unknown impl raises ValueError."""
-    raw = os.environ.get("DSV4K_IMPL", "").strip()
+    return dict(_parse_env(os.environ.get("DSV4K_IMPL", "").strip()))
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_env(raw: str) -> tuple[tuple[str, str], ...]:
+    """Cached by the raw value (register() clears it): every call reads the variable, one parses it."""
     choices: dict[str, str] = {}
-    if not raw:
-        return choices
     for item in raw.split(","):
         item = item.strip()
         if not item:
@@ -142,7 +147,7 @@ def env_choices() -> dict[str, str]:
             raise ValueError(f"DSV4K_IMPL entry {item!r} is malformed; expected OP=IMPL, e.g. sparse_mqa=triton")
         get(op, name)  # raises with the expected names
         choices[op] = name
-    return choices
+    return tuple(choices.items())
 
 
 def strict() -> bool:
@@ -253,7 +258,8 @@ def select(op: str, args: tuple, kwargs: dict | None = None, impl: str | None = 
         message = f"{op}: falling back to {chosen.name!r} on {device.backend} ({device.arch}): {fallback}"
         if strict():
             raise FallbackError(message + " (DSV4K_STRICT=1)")
-        _warn_once((op, chosen.name, device.arch, fallback), message)
+        # Keyed without the reason text, which holds shapes: one line per kind of fallback, not per shape.
+        _warn_once((op, chosen.name, device.arch, tuple(c.impl.name for c in declined_ahead)), message)
     return Decision(op, device, chosen, source, tuple(candidates), fallback)
 
 

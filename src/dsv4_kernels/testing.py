@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["calc_diff", "assert_calc_diff", "assert_same_nonfinite", "assert_close", "bf16_ulp"]
+__all__ = ["calc_diff", "assert_calc_diff", "assert_same_nonfinite", "assert_close", "assert_bf16_close", "bf16_ulp"]
 
 
 def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -63,3 +63,24 @@ def bf16_ulp(x: torch.Tensor) -> torch.Tensor:
     """Spacing of bf16 numbers at |x| (fp32): 2^(exponent(x) - 7); the smallest normal spacing below 2^-126."""
     mag = x.float().abs().clamp_min(torch.finfo(torch.bfloat16).tiny)
     return torch.exp2(torch.floor(torch.log2(mag)) - 7)
+
+
+def assert_bf16_close(actual: torch.Tensor, expected: torch.Tensor, ulps: float = 2, floor: float = 2.0 ** -16,
+                      what: str = "output") -> None:
+    """|a - e| <= ulps bf16 ulps of e + floor * max|e| on finite positions; non-finite positions must match.
+    The floor covers fp32 cancellation in elements far below the tensor's scale."""
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{what}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+    assert_same_nonfinite(actual, expected, what)
+    a, e = actual.double(), expected.double()
+    finite = e.isfinite()
+    if not finite.any():
+        return
+    err = torch.where(finite, (a - e).abs(), torch.zeros_like(a))
+    bound = ulps * bf16_ulp(expected).double() + floor * e[finite].abs().max()
+    bad = finite & (err > bound)
+    if bad.any():
+        ratio = torch.where(bad, err / bound, torch.zeros_like(err))
+        pos = tuple(int(i) for i in (ratio == ratio.max()).nonzero()[0])
+        raise AssertionError(f"{what}: {int(bad.sum())} of {a.numel()} elements beyond {ulps} bf16 ulps; worst "
+                             f"at {pos}: actual {a[pos].item():.8g} expected {e[pos].item():.8g}")

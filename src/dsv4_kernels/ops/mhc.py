@@ -19,7 +19,7 @@ from dsv4_kernels.kernels import mhc as mhc_kernels
 from dsv4_kernels.ladder import OpCheck, register_check
 from dsv4_kernels.oracles import mhc as oracle
 from dsv4_kernels.ops import _checks
-from dsv4_kernels.testing import assert_close, assert_same_nonfinite, bf16_ulp
+from dsv4_kernels.testing import assert_bf16_close, assert_close
 
 HC_MULT = 4
 MIX_ROWS = (2 + HC_MULT) * HC_MULT  # 24: pre gates, post gates, the 4 x 4 comb logits
@@ -35,18 +35,6 @@ SK_ATOL, SK_RTOL = 2e-5, 1e-4
 # 2^-16 * max|expected| covers that with margin and only loosens elements below max|expected| / 512,
 # where two bf16 ulps are smaller than the floor.
 BF16_ULPS, BF16_FLOOR = 2, 2.0 ** -16
-
-
-def _int_at_least(name: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name}: expected an int >= {low}, got {type(value).__name__} {value!r}")
-    if value < low:
-        raise ValueError(f"{name}: expected an int >= {low}, got {value}")
-
-
-def _positive_float(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name}: expected a positive finite float, got {value!r}")
 
 
 def _residual(name: str, x, T: int | None = None) -> tuple[int, int]:
@@ -88,17 +76,17 @@ def validate_sinkhorn(mixes, hc_scale, hc_base, hc_mult, iters, eps) -> None:
     _checks.tensor("hc_base", hc_base, torch.float32)
     _checks.shape("hc_base", hc_base, (MIX_ROWS,))
     _checks.same_device(mixes=mixes, hc_scale=hc_scale, hc_base=hc_base)
-    _int_at_least("iters", iters, 1)
-    _positive_float("eps", eps)
+    _checks.integer("iters", iters, minimum=1)
+    _checks.positive_float("eps", eps)
 
 
 def validate_pre(x, hc_fn, hc_scale, hc_base, iters, eps, norm_eps) -> None:
     _, dim = _residual("x", x)
     _site(hc_fn, hc_scale, hc_base, dim, MIX_ROWS, 3)
     _checks.same_device(x=x, hc_fn=hc_fn, hc_scale=hc_scale, hc_base=hc_base)
-    _int_at_least("iters", iters, 1)
-    _positive_float("eps", eps)
-    _positive_float("norm_eps", norm_eps)
+    _checks.integer("iters", iters, minimum=1)
+    _checks.positive_float("eps", eps)
+    _checks.positive_float("norm_eps", norm_eps)
 
 
 def validate_post(f, x, post, comb) -> None:
@@ -110,17 +98,17 @@ def validate_head(x, hc_fn, hc_scale, hc_base, eps, norm_eps) -> None:
     _, dim = _residual("x", x)
     _site(hc_fn, hc_scale, hc_base, dim, HC_MULT, 1)
     _checks.same_device(x=x, hc_fn=hc_fn, hc_scale=hc_scale, hc_base=hc_base)
-    _positive_float("eps", eps)
-    _positive_float("norm_eps", norm_eps)
+    _checks.positive_float("eps", eps)
+    _checks.positive_float("norm_eps", norm_eps)
 
 
 def validate_post_pre(f, x, post, comb, hc_fn, hc_scale, hc_base, iters, eps, norm_eps) -> None:
     _, dim = _gates(f, x, post, comb)
     _site(hc_fn, hc_scale, hc_base, dim, MIX_ROWS, 3)
     _checks.same_device(x=x, f=f, post=post, comb=comb, hc_fn=hc_fn, hc_scale=hc_scale, hc_base=hc_base)
-    _int_at_least("iters", iters, 1)
-    _positive_float("eps", eps)
-    _positive_float("norm_eps", norm_eps)
+    _checks.integer("iters", iters, minimum=1)
+    _checks.positive_float("eps", eps)
+    _checks.positive_float("norm_eps", norm_eps)
 
 
 # Triton block sizes per op (compile-time; a tuned table per arch overrides them, see dispatch.config).
@@ -347,30 +335,11 @@ def mhc_post_pre(f: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: tor
                             impl or "")
 
 
-def assert_bf16_close(actual: torch.Tensor, expected: torch.Tensor, what: str = "output") -> None:
-    """|actual - expected| <= 2 bf16 ulps of expected + 2^-16 * max|expected|, same inf/NaN positions."""
-    if actual.shape != expected.shape:
-        raise AssertionError(f"{what}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
-    assert_same_nonfinite(actual, expected, what)
-    a, e = actual.double(), expected.double()
-    finite = e.isfinite()
-    if not finite.any():
-        return
-    err = torch.where(finite, (a - e).abs(), torch.zeros_like(a))
-    bound = BF16_ULPS * bf16_ulp(expected).double() + BF16_FLOOR * e[finite].abs().max()
-    bad = finite & (err > bound)
-    if bad.any():
-        ratio = torch.where(bad, err / bound, torch.zeros_like(err))
-        pos = tuple(int(i) for i in (ratio == ratio.max()).nonzero()[0])
-        raise AssertionError(f"{what}: {int(bad.sum())} of {a.numel()} elements beyond {BF16_ULPS} bf16 ulps; worst "
-                             f"at {pos}: actual {a[pos].item():.8g} expected {e[pos].item():.8g}")
-
-
 def _compare(out: torch.Tensor, expected: torch.Tensor) -> None:
     if out.dtype != expected.dtype:
         raise AssertionError(f"dtype {out.dtype} != expected {expected.dtype}")
     if expected.dtype == torch.bfloat16:
-        assert_bf16_close(out, expected, "bf16 output")
+        assert_bf16_close(out, expected, BF16_ULPS, BF16_FLOOR, "bf16 output")
     else:
         assert_close(out, expected, SK_ATOL, SK_RTOL, "fp32 gates")
 
