@@ -1,4 +1,4 @@
-"""The `dsv4k` command: info, check, codegen, demo, bench."""
+"""The `dsv4k` command: info, check, codegen, demo, bench, device-check."""
 from __future__ import annotations
 
 import argparse
@@ -106,6 +106,11 @@ def cmd_bench(args) -> int:
     return command.main(args)
 
 
+def cmd_device_check(args) -> int:
+    from dsv4_kernels import devicekit
+    return devicekit.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dsv4k", description="DeepSeek-V4 kernels: inspect, verify, compile.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -131,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      "JSON lines, PNG charts, --compare of two runs")
     bench_arguments(b)
     b.set_defaults(fn=cmd_bench)
+    from dsv4_kernels.devicekit.kit import add_arguments as kit_arguments
+    k = sub.add_parser("device-check", help="all device work of a short GPU lease in one run: device tests, "
+                                            "sanitizer, TileLang runtime, quick benchmark; results to --out")
+    kit_arguments(k)
+    k.set_defaults(fn=cmd_device_check)
     return p
 
 

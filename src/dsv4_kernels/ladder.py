@@ -182,7 +182,7 @@ def _perf_record(op: str, impl: dispatch.Implementation, device: platform.Device
     folder = _bench_results_dir()
     rows = []
     if folder.is_dir():
-        for path in sorted(folder.glob("*.jsonl")):
+        for path in sorted(folder.rglob("*.jsonl")):
             for line in path.read_text().splitlines():
                 row = json.loads(line) if line.strip() else {}
                 if (row.get("op") == op and row.get("impl") == impl.name and row.get("chip") == device.name

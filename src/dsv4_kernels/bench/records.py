@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import platform as _pyplatform
 import re
 from dataclasses import dataclass
@@ -28,7 +29,8 @@ REQUIRED_KEYS = (
     "model", "phase", "tokens", "variant", "shape", "dispatched", "status", "us", "p10", "p90", "iters",
     "first_call_us", "warmup_us", "bytes", "flops", "compute", "gbps", "tflops", "pct_peak", "bound",
     "peak_chip", "peak_tbps", "peak_tflops", "speedup_vs_reference", "speedup_vs_compiled", "reference_us",
-    "compiled_us", "compiled_first_call_us", "compiled_status", "correct", "reason",
+    "compiled_us", "compiled_first_call_us", "compiled_status", "correct", "reason", "call_us", "graph_us",
+    "host_overhead_us", "graph_status",
 )
 KEY = ("op", "impl", "label", "chip")
 
@@ -53,8 +55,15 @@ def _git_dir(root: Path) -> Path | None:
 
 def git_commit(root: Path | None = None) -> str:
     """HEAD's commit of the checkout, read from the .git directory (what `git rev-parse HEAD` prints,
-    without needing git), or "unknown" outside a checkout."""
-    root = root if root is not None else checkout_root()
+    without needing git), else DSV4K_COMMIT (set by whoever copied a working tree without its .git to a
+    device machine), else "unknown"."""
+    commit = _git_head(root if root is not None else checkout_root())
+    if commit == "unknown" and re.fullmatch(r"[0-9a-f]{7,40}(-dirty)?", os.environ.get("DSV4K_COMMIT", "")):
+        return os.environ["DSV4K_COMMIT"]
+    return commit
+
+
+def _git_head(root: Path | None) -> str:
     git = _git_dir(root) if root else None
     if git is None or not (git / "HEAD").is_file():
         return "unknown"
@@ -172,8 +181,8 @@ class Change:
 def compare(before: list[dict], after: list[dict], threshold: float = 0.10) -> tuple[list[Change], list, list]:
     """(changes of matched records, keys only in `before`, keys only in `after`).
 
-    A matched record regresses when its median grew by more than `threshold` (relative), or when it was
-    correct before and is not now. Peers (impl "peer:...") are shown but never fail the comparison.
+    A matched record regresses when its median (or, on the decode path, its CUDA-graph replay time) grew
+    by more than `threshold` (relative), or when it was correct before and is not now. Peers (impl "peer:...") are shown but never fail the comparison.
     """
     a = {tuple(r.get(k) for k in KEY): r for r in before}
     b = {tuple(r.get(k) for k in KEY): r for r in after}
@@ -188,6 +197,11 @@ def compare(before: list[dict], after: list[dict], threshold: float = 0.10) -> t
                 why = f"was correct, now incorrect: {rb.get('reason') or rb.get('status')}"
             elif rel is not None and rel > threshold:
                 why = f"{100 * rel:.1f}% slower (threshold {100 * threshold:.0f}%)"
+            elif ra.get("graph_us") and rb.get("graph_us") is not None:
+                graph_rel = (rb["graph_us"] - ra["graph_us"]) / ra["graph_us"]
+                if graph_rel > threshold:
+                    why = (f"CUDA-graph replay {100 * graph_rel:.1f}% slower "
+                           f"({ra['graph_us']:.1f} -> {rb['graph_us']:.1f} us; threshold {100 * threshold:.0f}%)")
         changes.append(Change(key, us_a, us_b, rel, why))
     only_a = sorted(set(a) - set(b), key=str)
     only_b = sorted(set(b) - set(a), key=str)

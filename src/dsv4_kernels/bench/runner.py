@@ -9,6 +9,7 @@ only for a correct result.
 from __future__ import annotations
 
 import importlib
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable
@@ -19,9 +20,11 @@ from dsv4_kernels import dispatch, ladder, platform, toolchains
 from dsv4_kernels.bench import peers as peers_mod
 from dsv4_kernels.bench import timing
 from dsv4_kernels.bench.case import Case, public_op
+from dsv4_kernels.backends import Peak
 from dsv4_kernels.bench.roofline import find_peak, roofline
 
-__all__ = ["Options", "CompiledReferences", "run_case", "run", "MEASURED", "format_header", "format_row"]
+__all__ = ["Options", "CompiledReferences", "run_case", "run", "MEASURED", "BUDGET_REACHED", "format_header",
+           "format_row"]
 
 MEASURED = "measured"
 REFERENCE = "reference"
@@ -32,7 +35,10 @@ class Options:
     """device: where to run. impls: only these implementations (the reference always runs: it is the
     baseline of the speedups). compile: also time torch.compile(reference), spending at most about
     compile_budget_s seconds per op on compilation (see CompiledReferences). peers: measure peers.
-    interpreter: time Triton kernels through the interpreter on the CPU (slow; off by default)."""
+    interpreter: time Triton kernels through the interpreter on the CPU (slow; off by default).
+    call_timing: for decode-path cases also time back-to-back public-op calls and their CUDA-graph
+    replay (timing.call_and_graph). peak: the ceilings to place results against, instead of the
+    datasheet entry of the chip (the device kit passes the bandwidth and bf16 rate it measured)."""
 
     device: torch.device
     impls: tuple[str, ...] | None = None
@@ -41,6 +47,8 @@ class Options:
     peers: bool = True
     interpreter: bool = False
     settings: timing.Settings | None = None
+    call_timing: bool = True
+    peak: Peak | None = None
 
 
 def _outputs(x) -> tuple:
@@ -110,7 +118,8 @@ def _row(base: dict, impl: str, language: str, status: str, **fields) -> dict:
            "first_call_us": None, "warmup_us": None, "gbps": None, "tflops": None, "pct_peak": None,
            "bound": None, "peak_tbps": None, "peak_tflops": None, "speedup_vs_reference": None,
            "speedup_vs_compiled": None, "reference_us": None, "compiled_us": None, "compiled_first_call_us": None,
-           "compiled_status": None, "correct": None, "reason": ""}
+           "compiled_status": None, "correct": None, "reason": "", "call_us": None, "graph_us": None,
+           "host_overhead_us": None, "graph_status": None}
     row.update(fields)
     return row
 
@@ -131,6 +140,11 @@ def _measure(base: dict, impl: str, language: str, call: Callable, op: str, expe
         if language != "peer" and ran and impl not in ran:
             correct, reason = False, f"the call ran {', '.join(sorted(ran))}, not {impl}"
         t = timing.measure(call, opts.device, opts.settings, first_us)
+        calls = {}
+        if opts.call_timing and case.phase == "decode":
+            ct = timing.call_and_graph(call, opts.device, t.stats.median)
+            calls = {"call_us": ct.call_us, "graph_us": ct.graph_us, "host_overhead_us": ct.host_overhead_us,
+                     "graph_status": ct.graph_status}
     except Exception as exc:  # a failing implementation is a result to report, not a crash of the run
         return _row(base, impl, language, f"error: {_error(exc)}", correct=False, reason=_error(exc)), None
     roof = roofline(case.bytes, case.flops, t.stats.median, peak, case.compute)
@@ -141,7 +155,7 @@ def _measure(base: dict, impl: str, language: str, call: Callable, op: str, expe
                 us=t.stats.median, p10=t.stats.p10, p90=t.stats.p90, iters=t.stats.n, first_call_us=first_us,
                 warmup_us=t.warmup_us, gbps=roof.gbps, tflops=roof.tflops, pct_peak=roof.pct_peak,
                 bound=roof.bound, peak_tbps=roof.peak_tbps, peak_tflops=roof.peak_tflops, correct=correct,
-                reason=reason), out
+                reason=reason, **calls), out
 
 
 class CompiledReferences:
@@ -196,7 +210,7 @@ def run_case(case: Case, opts: Options, env: dict, compiled: CompiledReferences 
     """Every row of one case: measured implementations, skipped ones (with the reason), compiled
     reference fields, peers."""
     info = platform.device_info(opts.device)
-    peak = find_peak(info)
+    peak = opts.peak or find_peak(info)
     base = _case_fields(case, env, peak)
     fn = case.call or public_op(case.op)
     if fn is None or case.op not in dispatch.ops():
@@ -254,10 +268,19 @@ def run_case(case: Case, opts: Options, env: dict, compiled: CompiledReferences 
     return rows
 
 
-def run(cases: list[Case], opts: Options, env: dict, on_case: Callable[[list[dict]], None] | None = None) -> list[dict]:
+BUDGET_REACHED = "skipped: time budget reached"
+
+
+def run(cases: list[Case], opts: Options, env: dict, on_case: Callable[[list[dict]], None] | None = None,
+        deadline: float | None = None) -> list[dict]:
+    """Every case in turn. deadline (time.monotonic()): cases not started by then get one row with
+    status BUDGET_REACHED instead of running (a clean stop at a time budget)."""
     rows = []
     compiled = CompiledReferences(opts.compile_budget_s)
     for case in cases:
+        if deadline is not None and time.monotonic() >= deadline:
+            rows.append(_row(_case_fields(case, env, None), "-", "-", BUDGET_REACHED))
+            continue
         case_rows = run_case(case, opts, env, compiled)
         if on_case:
             on_case(case_rows)
@@ -270,7 +293,7 @@ def _num(v, fmt: str, none: str = "-") -> str:
 
 
 COLUMNS = (("op", 22), ("label", 38), ("impl", 18), ("us", 10), ("p10-p90", 17), ("first us", 10),
-           ("GB/s", 8), ("TFLOP/s", 8), ("%peak", 12), ("x ref", 7), ("x comp", 7), ("check", 0))
+           ("graph us", 9), ("GB/s", 8), ("TFLOP/s", 8), ("%peak", 12), ("x ref", 7), ("x comp", 7), ("check", 0))
 
 
 def format_header() -> str:
@@ -286,6 +309,6 @@ def format_row(r: dict) -> str:
     pct = "n/a" if r["pct_peak"] is None else f"{r['pct_peak']:.1f} {r['bound'][:3]}"
     check = {True: "ok", False: "FAIL " + r["reason"], None: r["reason"]}[r["correct"]]
     return (f"{r['op']:<22} {r['label']:<38} {impl:<18} {r['us']:<10.1f} {spread:<17} "
-            f"{_num(r['first_call_us'], '.0f'):<10} {_num(r['gbps'], '.1f'):<8} {_num(r['tflops'], '.3f'):<8} "
+            f"{_num(r['first_call_us'], '.0f'):<10} {_num(r.get('graph_us'), '.1f'):<9} {_num(r['gbps'], '.1f'):<8} {_num(r['tflops'], '.3f'):<8} "
             f"{pct:<12} {_num(r['speedup_vs_reference'], '.2f'):<7} {_num(r['speedup_vs_compiled'], '.2f'):<7} "
             f"{check}")

@@ -4,6 +4,8 @@ iterations, a cold L2 before every measured iteration, median and p10 / p90 spre
 GPU path (CUDA and ROCm "cuda" devices, Ascend "npu"): device events around each call, a buffer larger
 than the last-level cache written between iterations. CPU path: time.perf_counter around each call,
 the same flush sized from the CPU's last-level cache. Every result says which timer produced it.
+Decode path (call_and_graph): back-to-back public-op calls against replays of a CUDA graph of the same
+call, warm, and their difference as the host overhead per call.
 The pure parts (statistics, flush size, iteration count) are separate functions, unit-tested.
 """
 from __future__ import annotations
@@ -17,7 +19,8 @@ from typing import Callable
 import torch
 
 __all__ = ["Stats", "Settings", "Timing", "percentile", "summarize", "flush_bytes", "choose_iterations",
-           "timer_name", "first_call", "measure", "GPU_SETTINGS", "CPU_SETTINGS", "MIN_SAMPLES"]
+           "timer_name", "first_call", "measure", "GPU_SETTINGS", "CPU_SETTINGS", "MIN_SAMPLES", "CallTiming",
+           "call_iterations", "call_and_graph"]
 
 MiB = 1 << 20
 # Smallest flush per backend: 256 MiB on CUDA (Triton's do_bench uses the same), 512 MiB on ROCm, whose
@@ -194,3 +197,81 @@ def measure(fn: Callable, device: torch.device, settings: Settings | None = None
         samples = [s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)]
     del flush
     return Timing(timer_name(device), summarize(samples), percentile(warm, 50) if warm else None, len(warm), nbytes)
+
+
+@dataclass(frozen=True)
+class CallTiming:
+    """What an engine pays per call on the decode path, both timed back to back with a warm cache.
+
+    call_us: one public-op call (validation, dispatch and launch included), the mean over `iters` calls
+        issued back to back (device events around the loop on a GPU: a host slower than the kernels
+        stretches the loop, so host overhead is included). graph_us: one replay of a CUDA graph that
+        captured the same call, or None with graph_status saying why (no CUDA device, capture failed).
+    host_overhead_us = call_us - graph_us: the host time per call that a CUDA graph removes.
+    """
+
+    timer: str
+    call_us: float
+    graph_us: float | None
+    graph_status: str
+    iters: int
+
+    @property
+    def host_overhead_us(self) -> float | None:
+        return None if self.graph_us is None else self.call_us - self.graph_us
+
+
+def _loop_us(fn: Callable, device: torch.device, iters: int) -> float:
+    """Mean microseconds per call of `iters` back-to-back calls of fn."""
+    if device.type == "cpu":
+        start = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        return (time.perf_counter() - start) * 1e6 / iters
+    module = getattr(torch, device.type)
+    with module.device(device):
+        begin, end = module.Event(enable_timing=True), module.Event(enable_timing=True)
+        begin.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        _sync(device)
+    return begin.elapsed_time(end) * 1e3 / iters
+
+
+def _graph_us(fn: Callable, device: torch.device, iters: int) -> tuple[float | None, str]:
+    if device.type != "cuda":
+        return None, f"skipped: CUDA graphs need a CUDA or ROCm device, not {device.type}"
+    try:
+        with torch.cuda.device(device):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):      # warm-up off the capture stream, as torch's docs ask
+                fn()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+            graph.replay()
+            torch.cuda.synchronize(device)
+            return _loop_us(graph.replay, device, iters), "measured"
+    except Exception as exc:  # a call that cannot be captured is a finding, recorded with the reason
+        torch.cuda.synchronize(device)
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        return None, f"capture failed: {type(exc).__name__}: {first}"
+
+
+def call_iterations(estimate_us: float, budget_us: float = 50_000, lo: int = 5, hi: int = 200) -> int:
+    """Back-to-back calls for call_and_graph: about budget_us of work, within [lo, hi]."""
+    if estimate_us <= 0:
+        return hi
+    return max(lo, min(hi, math.ceil(budget_us / estimate_us)))
+
+
+def call_and_graph(fn: Callable, device: torch.device, estimate_us: float) -> CallTiming:
+    """The decode-path timing of one call (see CallTiming); fn has run before (compiled, warm)."""
+    iters = call_iterations(estimate_us, budget_us=50_000 if device.type != "cpu" else 20_000,
+                            lo=5 if device.type != "cpu" else 2)
+    call_us = _loop_us(fn, device, iters)
+    graph_us, status = _graph_us(fn, device, iters)
+    return CallTiming(timer_name(device), call_us, graph_us, status, iters)
