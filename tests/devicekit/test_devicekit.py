@@ -4,6 +4,7 @@ case choice, summary, comparison of device records)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -223,3 +224,18 @@ def test_call_timing_on_the_cpu_says_why_there_is_no_graph():
     assert t.call_us > 0 and t.graph_us is None and t.host_overhead_us is None
     assert "CUDA graphs need a CUDA" in t.graph_status
     assert timing.call_iterations(1e9) == 5 and timing.call_iterations(0.001) == 200
+
+
+def test_a_step_interrupted_at_the_budget_keeps_its_partial_results(tmp_path, monkeypatch):
+    monkeypatch.setattr(kit, "GRACE_S", 2.0)
+    out, work = tmp_path / "out", tmp_path / "work"
+    out.mkdir()
+    work.mkdir()
+    cmd = [sys.executable, "-m", "dsv4_kernels.devicekit.steps", "bench", "--out", str(out), "--work", str(work),
+           "--budget-s", "300", "--tests", str(ROOT / "tests"), "--dry-run"]
+    rc, how = kit.run_step_process(cmd, 6.0, _log()[1], env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert how == "stopped at the budget"
+    result = json.loads((work / "bench.json").read_text())
+    assert result["status"] == "timeout" and "partial" in result["reason"]
+    assert (out / "bench.jsonl").is_file()
+    assert len(records.read_jsonl(out / "bench.jsonl")) == result["records"]

@@ -256,7 +256,10 @@ def _graph_us(fn: Callable, device: torch.device, iters: int) -> tuple[float | N
             torch.cuda.synchronize(device)
             return _loop_us(graph.replay, device, iters), "measured"
     except Exception as exc:  # a call that cannot be captured is a finding, recorded with the reason
-        torch.cuda.synchronize(device)
+        try:
+            torch.cuda.synchronize(device)
+        except RuntimeError:
+            pass  # the failed capture's own error is the one to report
         first = str(exc).splitlines()[0] if str(exc) else ""
         return None, f"capture failed: {type(exc).__name__}: {first}"
 

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 __all__ = ["Context", "DRY_RUN_OPS", "DRY_RUN_TESTS", "parse_junit", "quick_cases", "STEP_FUNCTIONS", "main"]
@@ -34,6 +34,7 @@ class Context:
     dry_run: bool
     ops: tuple[str, ...] | None
     tests: Path
+    partial: dict = field(default_factory=dict)   # what a step has so far, reported if it is interrupted
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
@@ -64,7 +65,7 @@ def _numerics(ctx: Context, languages: tuple[str, ...]) -> dict:
     from dsv4_kernels import dispatch, ladder, platform
     device = _device()
     backend = platform.device_info(device).backend
-    results = {}
+    results = ctx.partial.setdefault("results", {})
     ops = _selected_ops(ctx)   # ops with kernels first: a short budget checks them before reference-only ops
     ops.sort(key=lambda op: all(i.language == "reference" for i in dispatch.implementations(op)))
     for op in ops:
@@ -169,7 +170,7 @@ def step_pytest(ctx: Context) -> dict:
         select = [f"--backend={info.backend}", "-m", "device", str(ctx.tests)]
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "junit_family=xunit2",
            f"--junitxml={junit}", "-rfE", *select]
-    rc, stopped = _run_until(cmd, ctx.deadline, "pytest| ")
+    rc, stopped = _run_until(cmd, ctx.deadline - 5, "pytest| ")
     result = {"command": " ".join(cmd[1:]), "selection": " ".join(select), "exit": rc, "stopped_at_budget": stopped}
     if junit.is_file():
         result["junit"] = parse_junit(junit)
@@ -231,7 +232,13 @@ def step_bench(ctx: Context) -> dict:
                           interpreter=ctx.dry_run, peak=peak)
     env = records.environment(info)
     print(runner.format_header(), flush=True)
-    show = lambda rs: [print(runner.format_row(r), flush=True) for r in rs]  # noqa: E731
+    done = ctx.partial.setdefault("rows", [])
+
+    def show(case_rows):
+        done.extend(r for r in case_rows if not r["status"].startswith("skipped"))
+        for r in case_rows:
+            print(runner.format_row(r), flush=True)
+    ctx.partial["write"] = lambda: records.write_jsonl(ctx.out / "bench.jsonl", done)
     rows = runner.run([c for c in cases if c.op in kernel_ops], opts, env, on_case=show, deadline=ctx.deadline - 5)
     rows += runner.run([c for c in cases if c.op not in kernel_ops], replace(opts, compile=False), env,
                        on_case=show, deadline=ctx.deadline - 5)
@@ -264,6 +271,13 @@ def main(argv: list[str] | None = None) -> int:
     ctx = Context(a.out, a.work, start + a.budget_s, a.dry_run, tuple(a.op) if a.op else None, a.tests)
     try:
         result = STEP_FUNCTIONS[a.step](ctx)
+    except KeyboardInterrupt:  # the orchestrator's stop at the budget: keep what was done
+        if "write" in ctx.partial:
+            ctx.partial.pop("write")()
+        rows = ctx.partial.pop("rows", None)
+        result = {"status": "timeout", "reason": "interrupted at the budget; partial results", **ctx.partial}
+        if rows is not None:
+            result["records"] = len(rows)
     except Exception as exc:  # the orchestrator reports it; the other steps still run
         import traceback
         traceback.print_exc()
