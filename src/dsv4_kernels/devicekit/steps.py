@@ -57,8 +57,11 @@ def _selected_ops(ctx: Context) -> list[str]:
 
 
 def step_machine(ctx: Context) -> dict:
-    from dsv4_kernels.devicekit import machine
-    return {"status": "pass", **machine.run(_device(), ctx.dry_run)}
+    from dsv4_kernels.devicekit import machine, summary
+    facts = machine.run(_device(), ctx.dry_run)
+    for line in summary.env_lines(facts, ctx.dry_run):
+        print(line, flush=True)
+    return {"status": "pass", **facts}
 
 
 def _numerics(ctx: Context, languages: tuple[str, ...]) -> dict:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["table_rows", "render", "write_all"]
+__all__ = ["env_lines", "table_rows", "render", "write_all"]
 
 
 def _short(text: str, n: int = 48) -> str:
@@ -63,7 +63,7 @@ def table_rows(steps: dict, bench: list[dict]) -> tuple[list[dict], dict]:
     return rows, labels
 
 
-def _env_lines(machine: dict, dry_run: bool) -> list[str]:
+def env_lines(machine: dict, dry_run: bool) -> list[str]:
     v, dev, meas, sheet = (machine.get(k) or {} for k in ("versions", "device", "measured", "datasheet"))
     lines = [f"- versions: python {v.get('python')}, torch {v.get('torch')} (cuda {v.get('torch_cuda')}, hip "
              f"{v.get('torch_hip')}), triton {v.get('triton')}, tilelang {v.get('tilelang') or 'absent'}, "
@@ -97,7 +97,7 @@ def render(steps: dict, bench: list[dict], dry_run: bool, elapsed_s: float) -> s
     commit = str((machine.get("versions") or {}).get("commit", ""))[:12]
     out = [f"# dsv4k device-check: {dev}{' (dry run)' if dry_run else ''}, {date or 'no benchmark date'}, "
            f"commit {commit}", ""]
-    out += _env_lines(machine, dry_run)
+    out += env_lines(machine, dry_run)
     out += ["", f"Steps ({elapsed_s:.0f} s in all):", "", "| step | status | s / budget | note |", "|---|---|---|---|"]
     for name, s in steps.items():
         out.append(f"| {name} | {s.get('status')} | {_num(s.get('seconds'), '.0f')} / {_num(s.get('budget_s'), '.0f')} "
