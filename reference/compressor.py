@@ -19,6 +19,7 @@ __all__ = [
     "compressor_decode",
     "compressor_norm_rope",
     "indexer_cache_quantize",
+    "decode_rows_valid",
 ]
 
 ROPE_DIM = 64
@@ -149,6 +150,9 @@ def compressor_decode(kv_state: torch.Tensor, score_state: torch.Tensor, kv: tor
         positions: [B] int64 >= 0, the position p of each token in its sequence.
         ratio: r, 4 or 128.
         slot_ids: [B] int64, distinct, the state slot of each sequence; default arange(B).
+        A row with a slot id outside [0, slots), a negative position, or (fused form) an entry
+        position p + 1 - r past the RoPE tables is invalid: it reads and writes nothing, does not
+        emit, and its entries row is zero (decode_rows_valid).
         norm_weight, rope_cos, rope_sin, kv_cache, cache_block_size: as in compressor_prefill.
         cache_slots: [B] int64 flat cache slots; read only where a row emits.
     Returns:
@@ -166,12 +170,14 @@ def compressor_decode(kv_state: torch.Tensor, score_state: torch.Tensor, kv: tor
     device = kv.device
     if slot_ids is None:
         slot_ids = torch.arange(batch, device=device)
-    phase = positions % ratio
+    valid = decode_rows_valid(kv_state, positions, ratio, slot_ids, rope_cos)
+    rows = valid.nonzero()[:, 0]
+    slots, phase = slot_ids[rows], positions[rows] % ratio
     offset = ratio if coff == 2 else 0
-    kv_state[slot_ids, offset + phase] = kv.float()
-    score_state[slot_ids, offset + phase] = score.float() + ape.float()[phase]
+    kv_state[slots, offset + phase] = kv[rows].float()
+    score_state[slots, offset + phase] = score[rows].float() + ape.float()[phase]
 
-    emitted = phase == ratio - 1
+    emitted = valid & (positions % ratio == ratio - 1)
     emit_slots = slot_ids[emitted]
     kv_rows = kv_state[emit_slots]
     sc_rows = score_state[emit_slots]
@@ -190,6 +196,17 @@ def compressor_decode(kv_state: torch.Tensor, score_state: torch.Tensor, kv: tor
     return entries, emitted
 
 
+def decode_rows_valid(kv_state: torch.Tensor, positions: torch.Tensor, ratio: int, slot_ids: torch.Tensor,
+                      rope_cos: torch.Tensor | None = None) -> torch.Tensor:
+    """[B] bool: the decode rows that take part in the step. A row is invalid (nothing read, nothing
+    written, not emitted) when its slot id is outside [0, slots), its position is negative, or, in the
+    fused form, its entry's RoPE position p + 1 - r is past the last row of the tables. Never wrapped."""
+    valid = (slot_ids >= 0) & (slot_ids < kv_state.shape[0]) & (positions >= 0)
+    if rope_cos is not None:
+        valid &= positions + 1 - ratio < rope_cos.shape[0]
+    return valid
+
+
 def compressor_norm_rope(entries: torch.Tensor, norm_weight: torch.Tensor, rope_cos: torch.Tensor,
                          rope_sin: torch.Tensor, positions: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """RMSNorm then interleaved RoPE on the last 64 dims (SPEC 2, 6).
@@ -198,7 +215,8 @@ def compressor_norm_rope(entries: torch.Tensor, norm_weight: torch.Tensor, rope_
         entries: [n, d] fp32 pooled entries, d >= 64.
         norm_weight: [d] fp32.
         rope_cos, rope_sin: [P, 32] tables indexed by position (fp32, or any float dtype).
-        positions: [n] int64 in [0, P), the RoPE position of each entry (j*r for entry j).
+        positions: [n] int64 in [0, P), the RoPE position of each entry (j*r for entry j); a row
+            whose position is outside [0, P) reads no table row and comes out zero (never wrapped).
         eps: RMSNorm epsilon.
     Returns:
         [n, d] bf16: y = bf16(x * rsqrt(mean(x^2) + eps) * w) in fp32 math; then the last 64 dims,
@@ -208,10 +226,13 @@ def compressor_norm_rope(entries: torch.Tensor, norm_weight: torch.Tensor, rope_
     x = entries.float()
     normed = x * torch.rsqrt(x.square().mean(dim=-1, keepdim=True) + eps) * norm_weight.float()
     normed = normed.to(torch.bfloat16)
-    cos = rope_cos[positions].float()
-    sin = rope_sin[positions].float()
+    valid = (positions >= 0) & (positions < rope_cos.shape[0])
+    safe = torch.where(valid, positions, 0)
+    cos = rope_cos[safe].float()
+    sin = rope_sin[safe].float()
     rotated = apply_rope_interleaved(normed[:, -ROPE_DIM:].float(), cos, sin).to(torch.bfloat16)
-    return torch.cat([normed[:, :-ROPE_DIM], rotated], dim=-1)
+    out = torch.cat([normed[:, :-ROPE_DIM], rotated], dim=-1)
+    return torch.where(valid[:, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
 
 
 def indexer_cache_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

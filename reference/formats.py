@@ -210,7 +210,7 @@ def store_kv_cache_fp8(pages: torch.Tensor, slots: torch.Tensor, kv: torch.Tenso
     7 ue8m0 bytes (FlashMLA's rule 2^ceil(log2(max(amax / 448, 1e-4))) per 64 nope values) and a zero
     pad byte. n = 0 writes nothing.
     """
-    keep = slots >= 0
+    keep = (slots >= 0) & (slots < pages.shape[0] * block_size)
     slots, kv = slots[keep], kv[keep]
     n = kv.shape[0]
     nope = kv[:, :KV_NOPE_DIM].float().reshape(n, _KV_TILES, KV_TILE)

@@ -35,11 +35,14 @@ def sqrt_softplus(logits: torch.Tensor) -> torch.Tensor:
     return soft.sqrt().float()
 
 
-def _normalised_weights(s: torch.Tensor, ids: torch.Tensor, routed_scaling_factor: float) -> torch.Tensor:
-    """w = s.gather(ids) / (sum(w) + 1e-20) * routed_scaling_factor, fp64 math on fp32 s, fp32 out."""
-    w = s.gather(-1, ids.long()).double()
+def _normalised_weights(s: torch.Tensor, ids: torch.Tensor, routed_scaling_factor: float,
+                        nan_rows: torch.Tensor) -> torch.Tensor:
+    """w = s.gather(ids) / (sum(w) + 1e-20) * routed_scaling_factor, fp64 math on fp32 s, fp32 out.
+    An id of -1 (invalid) has weight 0 and is left out of the sum; rows flagged in nan_rows [T] are NaN."""
+    valid = ids >= 0
+    w = torch.where(valid, s.gather(-1, torch.where(valid, ids, 0).long()), 0.0).double()
     w = w / (w.sum(dim=-1, keepdim=True) + WEIGHT_SUM_EPS) * routed_scaling_factor
-    return w.float()
+    return torch.where(nan_rows[:, None], float("nan"), w).float()
 
 
 def _append_shared(weights: torch.Tensor, ids: torch.Tensor, num_experts: int,
@@ -71,14 +74,15 @@ def score_topk(router_logits: torch.Tensor, bias: torch.Tensor, topk: int = 6,
         ids: [T, topk + n] int32. Routed columns: distinct expert ids in descending order of the fp32
             key s + bias; equal keys are ordered by the smaller expert index first (a stable
             descending sort, not torch.topk, whose tie order is unspecified). Shared columns: E + j.
-    Edge cases: T = 0 gives [0, topk + n] outputs. NaN keys sort first (torch.sort's NaN order);
-    finite logits and bias are assumed.
+    Edge cases: T = 0 gives [0, topk + n] outputs. NaN in, NaN out: a row with a NaN logit, or every
+    row when the bias holds a NaN, gets NaN routed weights (its ids are still distinct experts, in
+    torch.sort's order, which puts NaN keys first), never a confident choice made from a NaN.
     """
     s = sqrt_softplus(router_logits)
     key = s + bias.float()
     order = torch.sort(key, dim=-1, descending=True, stable=True).indices
     ids = order[:, :topk].to(torch.int32)
-    weights = _normalised_weights(s, ids, routed_scaling_factor)
+    weights = _normalised_weights(s, ids, routed_scaling_factor, key.isnan().any(dim=-1))
     return _append_shared(weights, ids, router_logits.shape[-1], num_fused_shared_experts, routed_scaling_factor)
 
 
@@ -97,9 +101,15 @@ def hash_topk(router_logits: torch.Tensor, input_ids: torch.Tensor, tid2eid: tor
             (no bias exists in hash layers); shared columns 1 / routed_scaling_factor.
         ids: [T, k + n] int32: tid2eid[input_ids] in table order (not sorted), then E + j.
     Edge cases: T = 0 gives [0, k + n] outputs. A table row with a repeated expert is used as is:
-    that expert's s is counted once per occurrence.
+    that expert's s is counted once per occurrence. Invalid entries are never wrapped: a token id
+    outside [0, V) gives a row of routed ids -1 with weight 0 (the shared column stays); a table entry
+    outside [0, E) gives id -1 with weight 0, and the row is normalised over its valid entries. NaN in,
+    NaN out: a row with a NaN logit gets NaN routed weights.
     """
     s = sqrt_softplus(router_logits)
-    ids = tid2eid[input_ids.long()].to(torch.int32)
-    weights = _normalised_weights(s, ids, routed_scaling_factor)
+    V, E = tid2eid.shape[0], router_logits.shape[-1]
+    token_ok = (input_ids >= 0) & (input_ids < V)
+    rows = tid2eid[torch.where(token_ok, input_ids, 0).long()]
+    ids = torch.where(token_ok[:, None] & (rows >= 0) & (rows < E), rows, -1).to(torch.int32)
+    weights = _normalised_weights(s, ids, routed_scaling_factor, router_logits.isnan().any(dim=-1))
     return _append_shared(weights, ids, router_logits.shape[-1], num_fused_shared_experts, routed_scaling_factor)

@@ -14,9 +14,9 @@ from dsv4_kernels.ops.mhc import mhc_head, mhc_post, mhc_post_pre, mhc_pre, mhc_
 from dsv4_kernels.ops.moe import fp4_grouped_moe, mxfp4_grouped_gemm
 from dsv4_kernels.ops.routing import hash_topk, score_topk
 from dsv4_kernels.ops.sigmoid_gate import sigmoid_gate
-from dsv4_kernels.ops.sparse_mqa import (build_sparse_indices, compact_indices, compressed_indices,
-                                         selected_compressed_indices, sparse_mqa, sparse_mqa_fp8,
-                                         window_indices)
+from dsv4_kernels.ops.indices import (build_sparse_indices, compact_indices, compressed_indices,
+                                      selected_compressed_indices, window_indices)
+from dsv4_kernels.ops.sparse_mqa import sparse_mqa, sparse_mqa_fp8
 
 __version__ = "0.1.0"
 

@@ -65,6 +65,9 @@ def _table(records) -> str:
 
 def cmd_check(args) -> int:
     from dsv4_kernels import ladder
+    # A DSV4K_IMPL that names no op or implementation would change what an engine runs: refuse it here
+    # rather than report a ladder that ignores it.
+    dispatch.env_choices()
     backends = tuple(args.backend) if args.backend else BACKEND_CHOICES
     records = ladder.run(backends, ops=tuple(args.op) if args.op else None)
     if args.json:

@@ -145,7 +145,10 @@ def _parse_env(raw: str) -> tuple[tuple[str, str], ...]:
         op, sep, name = (s.strip() for s in item.partition("="))
         if not sep or not op or not name:
             raise ValueError(f"DSV4K_IMPL entry {item!r} is malformed; expected OP=IMPL, e.g. sparse_mqa=triton")
-        get(op, name)  # raises with the expected names
+        try:
+            get(op, name)
+        except ValueError as err:  # name the variable: the caller may not know it is set
+            raise ValueError(f"DSV4K_IMPL entry {item!r}: {err}") from None
         choices[op] = name
     return tuple(choices.items())
 

@@ -352,8 +352,11 @@ def test_indexer_cache_quantize_matches_reference(impl, device, n):
     assert torch.equal(packed.cpu(), want[0]) and torch.equal(scale.cpu(), want[1])
 
 
-def test_init_state_is_the_reference_helper():
-    assert ops.compressor_init_state is ref.compressor_init_state
+@pytest.mark.parametrize("slots", [None, 3])
+def test_init_state_equals_the_reference_helper(slots):
+    for ratio, d in ((4, 512), (128, 128)):
+        for got, want in zip(ops.compressor_init_state(ratio, d, slots), ref.compressor_init_state(ratio, d, slots)):
+            assert torch.equal(got, want)
 
 
 # The verification ladder: the reference against the fp64 oracles, on the OpCheck cases.

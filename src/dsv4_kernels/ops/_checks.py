@@ -69,3 +69,22 @@ def positive_float(name: str, value, optional: bool = False) -> None:
         raise ValueError(f"{name}: expected {expected}, got {type(value).__name__} {value!r}")
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name}: expected {expected}, got {value!r}")
+
+
+def impl_name(impl) -> str:
+    """The `impl=` keyword of every public op: None (automatic selection) or an implementation name.
+    Returns the string the torch.library op takes ("" for None); which names exist is the dispatcher's
+    check (dispatch.get names the registered ones)."""
+    if impl is None:
+        return ""
+    if not isinstance(impl, str) or not impl:
+        raise ValueError(f"impl: expected None or an implementation name (a non-empty str, e.g. \"triton\"), "
+                         f"got {type(impl).__name__} {impl!r}")
+    return impl
+
+
+def boolean(name: str, value) -> bool:
+    """A Python bool: flags are switches, so 0, 1 or "yes" are refused."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
+    return value

@@ -15,8 +15,8 @@ from dsv4_kernels import dispatch
 from dsv4_kernels.dispatch import Implementation
 from dsv4_kernels.ladder import OpCheck, register_check
 from dsv4_kernels.oracles import compressor as oracle
-from dsv4_kernels.ops import _checks
-from dsv4_kernels.reference.compressor import compressor_init_state
+from dsv4_kernels.ops import _checks, _values
+from dsv4_kernels.reference import compressor as ref
 from dsv4_kernels.testing import assert_close, assert_same_nonfinite, bf16_ulp
 
 __all__ = [
@@ -57,6 +57,44 @@ def _entry_width(name: str, x: torch.Tensor, ratio: int, coff: int) -> int:
         raise ValueError(f"{name}: expected last dimension coff*d = {' or '.join(str(coff * d) for d in WIDTHS)} "
                          f"(ratio {ratio}: coff {coff}, d 512 or 128), got {width}")
     return width // coff
+
+
+def compressor_init_state(ratio: int, d: int, slots: int | None = None,
+                          device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fresh decode state (SPEC 2): kv 0, score -inf.
+
+    ratio: 4 or 128 (0 and 1 mean no compression and are refused). d: 512 (attention compressor) or 128
+    (indexer compressor). slots: None for one state, else an int >= 0 number of sequences.
+    device: None (torch's default), a torch.device or a device string.
+    Returns (kv_state, score_state), fp32, [coff*ratio, coff*d] or [slots, coff*ratio, coff*d], coff = 2
+    for ratio 4 and 1 for ratio 128.
+    Raises ValueError for any other ratio, d, slots or device.
+    """
+    _ratio(ratio)
+    _checks.one_of("d", _checks.integer("d", d), WIDTHS)
+    if slots is not None:
+        _checks.integer("slots", slots, minimum=0)
+    if device is not None and not isinstance(device, torch.device):
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"device: expected None, a torch.device or a device string, got "
+                             f"{type(device).__name__} {device!r} ({err})") from None
+    return ref.compressor_init_state(ratio, d, slots, device)
+
+
+_INT64_MAX = 2 ** 63 - 1
+
+
+def _cache_rules(kv_cache, cache_block_size, cache_slots, rows_used=None) -> tuple[_values.Rule, ...]:
+    """Checked-mode rules of the FP8 cache store: slots in [0, pages * block) or -1 (skip), distinct.
+    rows_used: [rows] bool, the rows whose slot is read (decode: the emitting rows); None means all."""
+    if kv_cache is None:
+        return ()
+    slots = cache_slots if rows_used is None else torch.where(rows_used, cache_slots, -1)
+    capacity = kv_cache.shape[0] * cache_block_size
+    return (_values.InRange("cache_slots", slots, 0, capacity, what="cache pages x cache_block_size", allow=(-1,)),
+            _values.Distinct("cache_slots", slots, ignore=(-1,)))
 
 
 def _fused(d: int, rows: int, norm_weight, rope_cos, rope_sin, kv_cache, cache_block_size, cache_slots,
@@ -169,9 +207,9 @@ def compressor_prefill(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor,
     rope_cos, rope_sin: optional [P, 32] fp32 tables indexed by position, P > (S//ratio - 1) * ratio.
     kv_cache: optional [pages, cache_block_size*584] uint8 FP8 cache (SPEC 1.2), only with the fused form
         and d = 512. Entry j is stored in place at flat slot cache_slots[j] (page slot // cache_block_size,
-        row slot % cache_block_size); a negative slot skips the entry; other bytes are left as they were.
-        Non-negative slots must be distinct and < pages * cache_block_size (not checked: that would
-        read values).
+        row slot % cache_block_size); a slot outside [0, pages * cache_block_size) (-1 by convention)
+        skips the entry, never wrapped; other bytes are left as they were. Slots must be distinct
+        (checked only in checked mode).
     cache_block_size: tokens per cache page, >= 1.
     cache_slots: [S//ratio] int64, required with kv_cache and refused without it.
     impl: run this implementation (only "reference" exists yet) or raise.
@@ -187,12 +225,15 @@ def compressor_prefill(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor,
     gives its row weight 0; a channel whose pooled scores are all -inf comes out NaN (0 / 0). Equal
     scores weigh their rows equally (no tie-breaking is involved).
     Raises ValueError for a wrong ratio, dtype, shape, device or layout, or an inconsistent fused form,
-    before any launch (no check reads tensor values).
+    before any launch. With DSV4K_CHECK=1 also for cache slots that are neither -1 nor in range, or
+    repeated (the one check that reads values; off by default).
     """
     validate_prefill(kv, score, ape, ratio, norm_weight, rope_cos, rope_sin, kv_cache, cache_block_size,
                      cache_slots)
+    if _values.enabled():
+        _values.check(*_cache_rules(kv_cache, cache_block_size, cache_slots))
     return _compressor_prefill_op(kv, score, ape, ratio, norm_weight, rope_cos, rope_sin, kv_cache,
-                                  cache_block_size, cache_slots, impl or "")
+                                  cache_block_size, cache_slots, _checks.impl_name(impl))
 
 
 OP_DECODE = "compressor_decode"
@@ -267,30 +308,43 @@ def compressor_decode(kv_state: torch.Tensor, score_state: torch.Tensor, kv: tor
     positions: [B] int64 >= 0, the position p of each token in its sequence.
     ratio: 4 or 128 (0 and 1 mean no compression and are refused).
     slot_ids: optional [B] int64, distinct, in [0, slots): the state slot of each row; default arange(B).
+    Invalid rows: a row whose slot id is outside [0, slots) (-1 for a padding row), whose position is
+        negative, or, in the fused form, whose entry position p + 1 - r is past the RoPE tables, reads
+        and writes nothing (no state row, no cache byte), does not emit, and gets a zero entries row.
+        Nothing is ever wrapped to another sequence's slot.
     norm_weight, rope_cos, rope_sin: the fused form as in compressor_prefill (RoPE at position p + 1 - r,
         the first position of the emitted entry's block).
     kv_cache, cache_block_size: the FP8 cache store as in compressor_prefill (fused form, d = 512).
-    cache_slots: [B] int64 flat cache slots, required with kv_cache; read only where a row emits, and a
-        negative slot skips the store.
+    cache_slots: [B] int64 flat cache slots, required with kv_cache; read only where a row emits; a slot
+        outside [0, pages * cache_block_size) (-1 by convention) skips the store.
     impl: run this implementation (only "reference" exists yet) or raise.
     Returns (entries, emitted):
         entries: [B, d] fp32 (bf16 in the fused form): row b holds entry p // r where row b emits, zeros
             elsewhere.
-        emitted: [B] bool, (p + 1) mod ratio == 0.
+        emitted: [B] bool, the row is valid and (p + 1) mod ratio == 0.
     State update: row (4 if ratio == 4 else 0) + p mod ratio <- (kv, score + ape[p mod ratio]); on
     emission ratio 128 pools rows 0:128; ratio 4 pools rows[0:4, :d] ++ rows[4:8, d:] and then copies rows
     4:8 to rows 0:4 (rows 4:8 are unspecified until rewritten). Slots not named by slot_ids are untouched.
     Edge cases: B = 0 gives [0, d] entries and [0] emitted and leaves the states alone. -inf scores as in
-    compressor_prefill (a fresh state's score -inf rows weigh nothing in the first ratio-4 entry). Duplicate or
-    out-of-range slot ids and negative positions are not checked (that would read values): results
-    are then unspecified.
+    compressor_prefill (a fresh state's score -inf rows weigh nothing in the first ratio-4 entry). Duplicate
+    slot ids (or cache slots of emitting rows) give unspecified results: checked mode refuses them.
     Raises ValueError for a wrong ratio, dtype, shape, device or layout, or an inconsistent fused form,
-    before any launch; no check reads tensor values, so the step is CUDA-graph safe.
+    before any launch; no check reads tensor values, so the step is CUDA-graph safe. With DSV4K_CHECK=1
+    (off by default; it syncs) also for the invalid rows above, repeated slot ids, and emitting rows'
+    cache slots that are neither -1 nor in range, or repeated: the error names the first bad position.
     """
     validate_decode(kv_state, score_state, kv, score, ape, positions, ratio, slot_ids, norm_weight, rope_cos,
                     rope_sin, kv_cache, cache_block_size, cache_slots)
+    if _values.enabled():
+        top = _INT64_MAX if rope_cos is None else rope_cos.shape[0] + ratio - 1
+        emitting = (positions + 1) % ratio == 0
+        _values.check(_values.InRange("positions", positions, 0, top,
+                                      what="p >= 0" + ("" if rope_cos is None else ", p + 1 - ratio < rope rows")),
+                      _values.InRange("slot_ids", slot_ids, 0, kv_state.shape[0], what="state slots"),
+                      _values.Distinct("slot_ids", slot_ids),
+                      *_cache_rules(kv_cache, cache_block_size, cache_slots, rows_used=emitting))
     return _compressor_decode_op(kv_state, score_state, kv, score, ape, positions, ratio, slot_ids, norm_weight,
-                                 rope_cos, rope_sin, kv_cache, cache_block_size, cache_slots, impl or "")
+                                 rope_cos, rope_sin, kv_cache, cache_block_size, cache_slots, _checks.impl_name(impl))
 
 
 OP_NORM_ROPE = "compressor_norm_rope"
@@ -341,8 +395,9 @@ def compressor_norm_rope(entries: torch.Tensor, norm_weight: torch.Tensor, rope_
     entries: [n, d] fp32 pooled entries, d = 512 or 128.
     norm_weight: [d] fp32.
     rope_cos, rope_sin: [P, 32] fp32 tables indexed by position (the same shape).
-    positions: [n] int64 in [0, P), the RoPE position of each entry (j*r for entry j); not checked
-        against P (that would read values).
+    positions: [n] int64 in [0, P), the RoPE position of each entry (j*r for entry j). A row whose
+        position is outside [0, P) reads no table row and comes out zero, never wrapped; DSV4K_CHECK=1
+        refuses it instead, naming the first such row.
     eps: RMSNorm epsilon, a finite float >= 0.
     impl: run this implementation (only "reference" exists yet) or raise.
     Returns: [n, d] bf16. y = bf16(x * rsqrt(mean(x^2) + eps) * w) in fp32 math; the last 64 dims, as pairs
@@ -351,7 +406,8 @@ def compressor_norm_rope(entries: torch.Tensor, norm_weight: torch.Tensor, rope_
     Raises ValueError for a wrong dtype, shape, device, layout or eps, before any launch.
     """
     validate_norm_rope(entries, norm_weight, rope_cos, rope_sin, positions, eps)
-    return _compressor_norm_rope_op(entries, norm_weight, rope_cos, rope_sin, positions, float(eps), impl or "")
+    _values.check(_values.InRange("positions", positions, 0, rope_cos.shape[0], what="rows of rope_cos"))
+    return _compressor_norm_rope_op(entries, norm_weight, rope_cos, rope_sin, positions, float(eps), _checks.impl_name(impl))
 
 
 OP_INDEXER = "indexer_cache_quantize"
@@ -392,7 +448,7 @@ def indexer_cache_quantize(x: torch.Tensor, *, impl: str | None = None) -> tuple
     Raises ValueError for a wrong dtype, shape or layout, before any launch.
     """
     validate_indexer(x)
-    return _indexer_cache_quantize_op(x, impl or "")
+    return _indexer_cache_quantize_op(x, _checks.impl_name(impl))
 
 
 POOL_ATOL, POOL_RTOL = 2e-5, 1e-4     # SPEC 6, compressor pooling (fp32)

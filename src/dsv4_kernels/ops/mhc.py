@@ -249,7 +249,7 @@ def mhc_sinkhorn(mixes: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Ten
     non-positive or non-finite eps.
     """
     validate_sinkhorn(mixes, hc_scale, hc_base, hc_mult, iters, eps)
-    return _mhc_sinkhorn_op(mixes, hc_scale, hc_base, hc_mult, iters, float(eps), impl or "")
+    return _mhc_sinkhorn_op(mixes, hc_scale, hc_base, hc_mult, iters, float(eps), _checks.impl_name(impl))
 
 
 def mhc_pre(x: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Tensor, iters: int = 20,
@@ -274,7 +274,7 @@ def mhc_pre(x: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_bas
     device or layout, iters < 1, or a non-positive or non-finite eps or norm_eps.
     """
     validate_pre(x, hc_fn, hc_scale, hc_base, iters, eps, norm_eps)
-    return _mhc_pre_op(x, hc_fn, hc_scale, hc_base, iters, float(eps), float(norm_eps), impl or "")
+    return _mhc_pre_op(x, hc_fn, hc_scale, hc_base, iters, float(eps), float(norm_eps), _checks.impl_name(impl))
 
 
 def mhc_post(f: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor, *,
@@ -292,7 +292,7 @@ def mhc_post(f: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.T
     Raises ValueError for a wrong dtype, shape, device or layout.
     """
     validate_post(f, x, post, comb)
-    return _mhc_post_op(f, x, post, comb, impl or "")
+    return _mhc_post_op(f, x, post, comb, _checks.impl_name(impl))
 
 
 def mhc_head(x: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Tensor, eps: float = 1e-6,
@@ -311,7 +311,7 @@ def mhc_head(x: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_ba
     or norm_eps.
     """
     validate_head(x, hc_fn, hc_scale, hc_base, eps, norm_eps)
-    return _mhc_head_op(x, hc_fn, hc_scale, hc_base, float(eps), float(norm_eps), impl or "")
+    return _mhc_head_op(x, hc_fn, hc_scale, hc_base, float(eps), float(norm_eps), _checks.impl_name(impl))
 
 
 def mhc_post_pre(f: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor, hc_fn: torch.Tensor,
@@ -332,7 +332,7 @@ def mhc_post_pre(f: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: tor
     """
     validate_post_pre(f, x, post, comb, hc_fn, hc_scale, hc_base, iters, eps, norm_eps)
     return _mhc_post_pre_op(f, x, post, comb, hc_fn, hc_scale, hc_base, iters, float(eps), float(norm_eps),
-                            impl or "")
+                            _checks.impl_name(impl))
 
 
 def _compare(out: torch.Tensor, expected: torch.Tensor) -> None:

@@ -12,7 +12,7 @@ from dsv4_kernels import dispatch
 from dsv4_kernels.dispatch import Implementation
 from dsv4_kernels.ladder import OpCheck, register_check
 from dsv4_kernels.oracles import routing as oracle
-from dsv4_kernels.ops import _checks
+from dsv4_kernels.ops import _checks, _values
 from dsv4_kernels.testing import assert_close
 
 SCORE_OP = "score_topk"
@@ -120,15 +120,15 @@ def score_topk(router_logits: torch.Tensor, bias: torch.Tensor, topk: int = 6, r
             sums to routed_scaling_factor (0 if every selected s is 0);
         ids int32: distinct experts in descending order of the fp32 key s + bias; ties go to the smaller
             expert index first.
-    Edge cases: T = 0 gives [0, topk + n] outputs. Logits and bias are assumed finite (not checked: that
-    would read values back to the host); with NaN the selection is unspecified.
+    Edge cases: T = 0 gives [0, topk + n] outputs. NaN in, NaN out: a row with a NaN logit (every row,
+    for a NaN in the bias) gets NaN routed weights; its ids are still distinct experts in [0, E).
     Raises ValueError for a wrong dtype, rank, shape, device or layout, topk outside [1, E], a
     routed_scaling_factor that is not a positive finite number, or num_fused_shared_experts not in
     {0, 1} (V4 fuses one shared expert; engines disagree on what n > 1 means, so it is refused).
     """
     validate_score_topk(router_logits, bias, topk, routed_scaling_factor, num_fused_shared_experts)
     return _score_topk_op(router_logits, bias, topk, float(routed_scaling_factor), num_fused_shared_experts,
-                          impl or "")
+                          _checks.impl_name(impl))
 
 
 def hash_topk(router_logits: torch.Tensor, input_ids: torch.Tensor, tid2eid: torch.Tensor,
@@ -147,16 +147,20 @@ def hash_topk(router_logits: torch.Tensor, input_ids: torch.Tensor, tid2eid: tor
         ids int32: tid2eid[input_ids] in table order (not sorted), then E for the shared column;
         weights fp32: s = sqrt(softplus(router_logits)) gathered at ids and normalised as in score_topk
             (no bias in hash layers); a repeated expert in a table row counts once per occurrence.
-    Edge cases: T = 0 gives [0, k + n] outputs. Token ids outside [0, V) and table entries outside
-    [0, E) are not checked (that would read values back to the host): the reference raises on CPU,
-    kernels give unspecified results.
+    Edge cases: T = 0 gives [0, k + n] outputs. Nothing is wrapped: a token id outside [0, V) gives
+    routed ids -1 with weight 0 for its row (the shared column stays); a table entry outside [0, E)
+    gives id -1 with weight 0 and the row is normalised over its valid entries (an engine's MoE skips
+    id -1). A row with a NaN logit gets NaN routed weights. DSV4K_CHECK=1 (off by default; it syncs)
+    refuses out-of-range token ids and table entries instead, naming the first one.
     Raises ValueError for a wrong dtype, rank, shape, device or layout, an empty table, k outside
     [1, E], a routed_scaling_factor that is not a positive finite number, or num_fused_shared_experts
     not in {0, 1}.
     """
     validate_hash_topk(router_logits, input_ids, tid2eid, num_fused_shared_experts, routed_scaling_factor)
+    _values.check(_values.InRange("input_ids", input_ids, 0, tid2eid.shape[0], what="rows of tid2eid"),
+                  _values.InRange("tid2eid", tid2eid, 0, router_logits.shape[1], what="experts"))
     return _hash_topk_op(router_logits, input_ids, tid2eid, num_fused_shared_experts, float(routed_scaling_factor),
-                         impl or "")
+                         _checks.impl_name(impl))
 
 
 def _compare(out: torch.Tensor, expected: torch.Tensor) -> None:

@@ -71,7 +71,7 @@ def sigmoid_gate(x: torch.Tensor, gate: torch.Tensor, *, impl: str | None = None
     Raises ValueError for a wrong dtype, shape, device or layout, before any launch.
     """
     validate(x, gate)
-    return _sigmoid_gate_op(x, gate, impl or "")
+    return _sigmoid_gate_op(x, gate, _checks.impl_name(impl))
 
 
 def _cases(device: torch.device) -> list[tuple[str, tuple, dict]]:
