@@ -1,0 +1,91 @@
+"""The public surface as a new user meets it (issue 11): the `impl=` keyword and DSV4K_IMPL of every op,
+and the checked-mode mechanism (ops/_values.py) that every family's value rules go through."""
+from __future__ import annotations
+
+import functools
+import pytest
+import torch
+
+import dsv4_kernels as dk
+from dsv4_kernels import cli, dispatch, ladder
+from dsv4_kernels.ops import _values
+
+
+@functools.lru_cache(maxsize=None)
+def _first_case(op):
+    _, args, kwargs = ladder.get_check(op).cases(torch.device("cpu"))[0]
+    return args, kwargs
+
+
+@pytest.mark.parametrize("op", dispatch.ops())
+@pytest.mark.parametrize("bad", [123, b"triton", "", ["reference"]], ids=["int", "bytes", "empty", "list"])
+def test_impl_must_be_none_or_a_name(op, bad):
+    args, kwargs = _first_case(op)
+    with dispatch.recording() as calls, pytest.raises(ValueError) as err:
+        getattr(dk, op)(*args, **kwargs, impl=bad)
+    assert str(err.value).startswith("impl: expected None or an implementation name")
+    assert type(bad).__name__ in str(err.value)
+    assert not calls
+
+
+@pytest.mark.parametrize("value, message", [
+    ("nosuchop=nosuchimpl", "DSV4K_IMPL entry 'nosuchop=nosuchimpl': unknown op 'nosuchop'"),
+    ("mhc_post=nosuch", "DSV4K_IMPL entry 'mhc_post=nosuch': op 'mhc_post' has no implementation 'nosuch'"),
+])
+def test_a_bad_dsv4k_impl_names_the_variable(monkeypatch, value, message):
+    monkeypatch.setenv("DSV4K_IMPL", value)
+    args, kwargs = _first_case("mhc_post")
+    with pytest.raises(ValueError, match=message):
+        dk.mhc_post(*args, **kwargs)
+
+
+def test_dsv4k_check_refuses_a_bad_dsv4k_impl(monkeypatch, capsys):
+    monkeypatch.setenv("DSV4K_IMPL", "nosuchop=nosuchimpl")
+    assert cli.main(["check", "--op", "mhc_sinkhorn"]) == 2
+    assert "DSV4K_IMPL entry 'nosuchop=nosuchimpl': unknown op 'nosuchop'" in capsys.readouterr().err
+
+
+# The checked-mode mechanism.
+
+def test_checks_are_off_by_default_and_read_no_values(monkeypatch):
+    monkeypatch.delenv(_values.ENV, raising=False)
+    meta = torch.empty(5, dtype=torch.int64, device="meta")  # no storage: any value read would fail
+    _values.check(_values.InRange("ids", meta, 0, 3), _values.Distinct("ids", meta))
+
+
+@pytest.mark.parametrize("value", ["1", "true", "on"])
+def test_checked_mode_raises_on_the_first_bad_rule_with_position_and_value(monkeypatch, value):
+    monkeypatch.setenv(_values.ENV, value)
+    good = torch.tensor([0, 1, 2])
+    bad = torch.tensor([[0, 1], [9, 2]])
+    with pytest.raises(ValueError) as err:
+        _values.check(_values.InRange("good", good, 0, 3), _values.InRange("table", bad, 0, 3, what="experts"),
+                      _values.InRange("later", torch.tensor([-5]), 0, 3))
+    assert str(err.value) == ("table: expected values in [0, 3) (experts), got 9 at position (1, 0) "
+                              "(DSV4K_CHECK=1 checked mode)")
+
+
+@pytest.mark.parametrize("rule, ok", [
+    (_values.InRange("x", torch.tensor([-1, 0, 2]), 0, 3, allow=(-1,)), True),
+    (_values.InRange("x", torch.tensor([-2, 0, 2]), 0, 3, allow=(-1,)), False),
+    (_values.InRange("x", torch.tensor([0, 3]), 0, 3), False),
+    (_values.Distinct("x", torch.tensor([4, -1, -1, 2]), ignore=(-1,)), True),
+    (_values.Distinct("x", torch.tensor([4, 2, 7, 2])), False),
+    (_values.AllFinite("x", torch.tensor([0.0, 1e38])), True),
+    (_values.AllFinite("x", torch.tensor([0.0, float("inf")])), False),
+    (_values.InRange("x", None, 0, 3), True),
+    (_values.InRange("x", torch.empty(0, dtype=torch.int64), 0, 0), True),
+])
+def test_each_rule_accepts_and_refuses(monkeypatch, rule, ok):
+    monkeypatch.setenv(_values.ENV, "1")
+    if ok:
+        _values.check(rule)
+    else:
+        with pytest.raises(ValueError, match=r"^x: expected "):
+            _values.check(rule)
+
+
+def test_distinct_names_the_second_occurrence(monkeypatch):
+    monkeypatch.setenv(_values.ENV, "1")
+    with pytest.raises(ValueError, match=r"got 2 at position \(3,\)"):
+        _values.check(_values.Distinct("slots", torch.tensor([2, 5, 7, 2, 5])))
