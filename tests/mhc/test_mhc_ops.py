@@ -156,10 +156,10 @@ def _valid(op: str) -> dict:
 
 BAD = [
     ("mhc_sinkhorn", "hc_mult", lambda a: 2, "hc_mult: expected one of 4, got 2"),
-    ("mhc_sinkhorn", "hc_mult", lambda a: 4.0, "hc_mult: expected one of 4, got float 4.0"),
+    ("mhc_sinkhorn", "hc_mult", lambda a: 4.0, "hc_mult: expected an int, got float 4.0"),
     ("mhc_sinkhorn", "mixes", lambda a: a.bfloat16(), "mixes: expected dtype torch.float32, got torch.bfloat16"),
     ("mhc_sinkhorn", "mixes", lambda a: a[:, :16].contiguous(), "mixes: expected shape (*, 24), got (3, 16)"),
-    ("mhc_sinkhorn", "mixes", lambda a: a[None], "mixes: expected shape (*, 24), got (1, 3, 24)"),
+    ("mhc_sinkhorn", "mixes", lambda a: a[None], "mixes: expected 2 dimensions, got 3"),
     ("mhc_sinkhorn", "mixes", lambda a: torch.randn(24, 3).t(), "mixes: expected a contiguous tensor"),
     ("mhc_sinkhorn", "hc_scale", lambda a: torch.ones(4), "hc_scale: expected shape (3,), got (4,)"),
     ("mhc_sinkhorn", "hc_scale", lambda a: a.double(), "hc_scale: expected dtype torch.float32, got torch.float64"),
@@ -192,7 +192,7 @@ BAD = [
     ("mhc_post", "post", lambda a: a[:, :2].contiguous(), "post: expected shape (3, 4), got (3, 2)"),
     ("mhc_post", "post", lambda a: a[:2], "post: expected shape (3, 4), got (2, 4)"),
     ("mhc_post", "comb", lambda a: a.double(), "comb: expected dtype torch.float32, got torch.float64"),
-    ("mhc_post", "comb", lambda a: a[:, 0].contiguous(), "comb: expected shape (3, 4, 4), got (3, 4)"),
+    ("mhc_post", "comb", lambda a: a[:, 0].contiguous(), "comb: expected 3 dimensions, got 2 (shape (3, 4))"),
     ("mhc_post", "comb", lambda a: a.transpose(1, 2), "comb: expected a contiguous tensor"),
     ("mhc_post", "comb", lambda a: a.to("meta"), "comb: expected device cpu (the device of x), got meta"),
     ("mhc_head", "hc_fn", lambda a: torch.zeros(24, 1024), "hc_fn: expected shape (4, 1024), got (24, 1024)"),
@@ -218,6 +218,27 @@ def test_bad_argument_is_refused_before_launch(op, name, bad, message):
         getattr(ops, op)(**args)
     assert message in str(err.value)
     assert not calls
+
+
+GENERATED = [(op, r) for op in ops.OPS for r in ops.SPECS[op].refusals(_valid(op))]
+
+
+@pytest.mark.parametrize("op, refusal", GENERATED, ids=[f"{o}-{r.name}-{r.what}" for o, r in GENERATED])
+def test_every_property_of_the_spec_is_refused(op, refusal):
+    """Generated from the op's declarative spec: each stated property of each argument (dtype, rank,
+    sizes, contiguity, device, range) has a bad variant, refused with an error that names it."""
+    args = _valid(op)
+    args[refusal.name] = refusal.value
+    with dispatch.recording() as calls, pytest.raises(ValueError) as err:
+        getattr(ops, op)(**args)
+    assert str(err.value).startswith(f"{refusal.name}: expected"), str(err.value)
+    assert not calls
+
+
+def test_the_generated_refusals_cover_every_argument():
+    for op in ops.OPS:
+        named = {r.name for r in ops.SPECS[op].refusals(_valid(op))}
+        assert named == {a.name for a in ops.SPECS[op].args} == set(_valid(op)), op
 
 
 def test_valid_arguments_of_the_refusal_table_run():

@@ -19,6 +19,7 @@ from dsv4_kernels.kernels import mhc as mhc_kernels
 from dsv4_kernels.ladder import OpCheck, register_check
 from dsv4_kernels.oracles import mhc as oracle
 from dsv4_kernels.ops import _checks
+from dsv4_kernels.ops._spec import ArgSpec, Int, PosFloat, Tensor
 from dsv4_kernels.testing import assert_bf16_close, assert_close
 
 HC_MULT = 4
@@ -37,78 +38,27 @@ SK_ATOL, SK_RTOL = 2e-5, 1e-4
 BF16_ULPS, BF16_FLOOR = 2, 2.0 ** -16
 
 
-def _residual(name: str, x, T: int | None = None) -> tuple[int, int]:
-    _checks.tensor(name, x, torch.bfloat16, ndim=3)
-    _checks.shape(name, x, (T, HC_MULT, None))
-    if x.shape[2] < 1:
-        raise ValueError(f"{name}: expected shape (T, {HC_MULT}, dim) with dim >= 1, got {tuple(x.shape)}")
-    return x.shape[0], x.shape[2]
-
-
-def _site(hc_fn, hc_scale, hc_base, dim: int, rows: int, scales: int) -> None:
-    _checks.tensor("hc_fn", hc_fn, torch.float32)
-    _checks.shape("hc_fn", hc_fn, (rows, HC_MULT * dim))
-    _checks.tensor("hc_scale", hc_scale, torch.float32)
-    _checks.shape("hc_scale", hc_scale, (scales,))
-    _checks.tensor("hc_base", hc_base, torch.float32)
-    _checks.shape("hc_base", hc_base, (rows,))
-
-
-def _gates(f, x, post, comb) -> tuple[int, int]:
-    T, dim = _residual("x", x)
-    _checks.tensor("f", f, torch.bfloat16)
-    _checks.shape("f", f, (T, dim))
-    _checks.tensor("post", post, torch.float32)
-    _checks.shape("post", post, (T, HC_MULT))
-    _checks.tensor("comb", comb, torch.float32)
-    _checks.shape("comb", comb, (T, HC_MULT, HC_MULT))
-    return T, dim
-
-
-def validate_sinkhorn(mixes, hc_scale, hc_base, hc_mult, iters, eps) -> None:
-    if isinstance(hc_mult, bool) or not isinstance(hc_mult, int):
-        raise ValueError(f"hc_mult: expected one of {HC_MULT}, got {type(hc_mult).__name__} {hc_mult!r}")
-    _checks.one_of("hc_mult", hc_mult, (HC_MULT,))
-    _checks.tensor("mixes", mixes, torch.float32)
-    _checks.shape("mixes", mixes, (None, MIX_ROWS))
-    _checks.tensor("hc_scale", hc_scale, torch.float32)
-    _checks.shape("hc_scale", hc_scale, (3,))
-    _checks.tensor("hc_base", hc_base, torch.float32)
-    _checks.shape("hc_base", hc_base, (MIX_ROWS,))
-    _checks.same_device(mixes=mixes, hc_scale=hc_scale, hc_base=hc_base)
-    _checks.integer("iters", iters, minimum=1)
-    _checks.positive_float("eps", eps)
-
-
-def validate_pre(x, hc_fn, hc_scale, hc_base, iters, eps, norm_eps) -> None:
-    _, dim = _residual("x", x)
-    _site(hc_fn, hc_scale, hc_base, dim, MIX_ROWS, 3)
-    _checks.same_device(x=x, hc_fn=hc_fn, hc_scale=hc_scale, hc_base=hc_base)
-    _checks.integer("iters", iters, minimum=1)
-    _checks.positive_float("eps", eps)
-    _checks.positive_float("norm_eps", norm_eps)
-
-
-def validate_post(f, x, post, comb) -> None:
-    _gates(f, x, post, comb)
-    _checks.same_device(x=x, f=f, post=post, comb=comb)
-
-
-def validate_head(x, hc_fn, hc_scale, hc_base, eps, norm_eps) -> None:
-    _, dim = _residual("x", x)
-    _site(hc_fn, hc_scale, hc_base, dim, HC_MULT, 1)
-    _checks.same_device(x=x, hc_fn=hc_fn, hc_scale=hc_scale, hc_base=hc_base)
-    _checks.positive_float("eps", eps)
-    _checks.positive_float("norm_eps", norm_eps)
-
-
-def validate_post_pre(f, x, post, comb, hc_fn, hc_scale, hc_base, iters, eps, norm_eps) -> None:
-    _, dim = _gates(f, x, post, comb)
-    _site(hc_fn, hc_scale, hc_base, dim, MIX_ROWS, 3)
-    _checks.same_device(x=x, f=f, post=post, comb=comb, hc_fn=hc_fn, hc_scale=hc_scale, hc_base=hc_base)
-    _checks.integer("iters", iters, minimum=1)
-    _checks.positive_float("eps", eps)
-    _checks.positive_float("norm_eps", norm_eps)
+F32, BF16 = (torch.float32,), (torch.bfloat16,)
+_X = Tensor("x", BF16, ("T", HC_MULT, "dim"))
+_GATES = (Tensor("post", F32, ("T", HC_MULT)), Tensor("comb", F32, ("T", HC_MULT, HC_MULT)))
+_SITE = (Tensor("hc_fn", F32, (MIX_ROWS, f"{HC_MULT}*dim")), Tensor("hc_scale", F32, (3,)),
+         Tensor("hc_base", F32, (MIX_ROWS,)))
+_HEAD_SITE = (Tensor("hc_fn", F32, (HC_MULT, f"{HC_MULT}*dim")), Tensor("hc_scale", F32, (1,)),
+              Tensor("hc_base", F32, (HC_MULT,)))
+_SINKHORN_SCALARS = (Int("iters", minimum=1), PosFloat("eps"))
+# One declarative spec per op (signature order): validation and the generated refusal test both come
+# from it (tests/mhc/test_mhc_ops.py).
+SPECS = {
+    "mhc_sinkhorn": ArgSpec("mhc_sinkhorn", (Tensor("mixes", F32, ("T", MIX_ROWS)), *_SITE[1:],
+                                             Int("hc_mult", choices=(HC_MULT,)), *_SINKHORN_SCALARS)),
+    "mhc_pre": ArgSpec("mhc_pre", (_X, *_SITE, *_SINKHORN_SCALARS, PosFloat("norm_eps")), minimum={"dim": 1}),
+    "mhc_post": ArgSpec("mhc_post", (Tensor("f", BF16, ("T", "dim")), _X, *_GATES), device_of="x",
+                        minimum={"dim": 1}),
+    "mhc_head": ArgSpec("mhc_head", (_X, *_HEAD_SITE, PosFloat("eps"), PosFloat("norm_eps")), minimum={"dim": 1}),
+    "mhc_post_pre": ArgSpec("mhc_post_pre", (Tensor("f", BF16, ("T", "dim")), _X, *_GATES, *_SITE,
+                                             *_SINKHORN_SCALARS, PosFloat("norm_eps")),
+                            device_of="x", minimum={"dim": 1}),
+}
 
 
 # Triton block sizes per op (compile-time; a tuned table per arch overrides them, see dispatch.config).
@@ -248,7 +198,7 @@ def mhc_sinkhorn(mixes: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Ten
     Raises ValueError for a wrong dtype, shape, device or layout, hc_mult other than 4, iters < 1 or a
     non-positive or non-finite eps.
     """
-    validate_sinkhorn(mixes, hc_scale, hc_base, hc_mult, iters, eps)
+    SPECS["mhc_sinkhorn"].validate(mixes, hc_scale, hc_base, hc_mult, iters, eps)
     return _mhc_sinkhorn_op(mixes, hc_scale, hc_base, hc_mult, iters, float(eps), _checks.impl_name(impl))
 
 
@@ -273,7 +223,7 @@ def mhc_pre(x: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_bas
     Raises ValueError for a wrong dtype, shape (x.shape[1] != 4, dim = 0, hc_fn not [24, 4 * dim], ...),
     device or layout, iters < 1, or a non-positive or non-finite eps or norm_eps.
     """
-    validate_pre(x, hc_fn, hc_scale, hc_base, iters, eps, norm_eps)
+    SPECS["mhc_pre"].validate(x, hc_fn, hc_scale, hc_base, iters, eps, norm_eps)
     return _mhc_pre_op(x, hc_fn, hc_scale, hc_base, iters, float(eps), float(norm_eps), _checks.impl_name(impl))
 
 
@@ -291,7 +241,7 @@ def mhc_post(f: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.T
     Edge cases: T = 0 gives an empty output; comb = identity and post = 0 return x unchanged.
     Raises ValueError for a wrong dtype, shape, device or layout.
     """
-    validate_post(f, x, post, comb)
+    SPECS["mhc_post"].validate(f, x, post, comb)
     return _mhc_post_op(f, x, post, comb, _checks.impl_name(impl))
 
 
@@ -310,7 +260,7 @@ def mhc_head(x: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_ba
     Raises ValueError for a wrong dtype, shape, device or layout, or a non-positive or non-finite eps
     or norm_eps.
     """
-    validate_head(x, hc_fn, hc_scale, hc_base, eps, norm_eps)
+    SPECS["mhc_head"].validate(x, hc_fn, hc_scale, hc_base, eps, norm_eps)
     return _mhc_head_op(x, hc_fn, hc_scale, hc_base, float(eps), float(norm_eps), _checks.impl_name(impl))
 
 
@@ -330,7 +280,7 @@ def mhc_post_pre(f: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: tor
     Edge cases: as mhc_post and mhc_pre.
     Raises ValueError for any argument mhc_post or mhc_pre would refuse.
     """
-    validate_post_pre(f, x, post, comb, hc_fn, hc_scale, hc_base, iters, eps, norm_eps)
+    SPECS["mhc_post_pre"].validate(f, x, post, comb, hc_fn, hc_scale, hc_base, iters, eps, norm_eps)
     return _mhc_post_pre_op(f, x, post, comb, hc_fn, hc_scale, hc_base, iters, float(eps), float(norm_eps),
                             _checks.impl_name(impl))
 
