@@ -175,11 +175,15 @@ class ToyBlock:
     def _moe(self, y16: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         cfg, w = self.cfg, self.w
         logits = _proj(y16.float(), w["gate"])
+        # The official model's arithmetic: the routed weights carry routed_scaling_factor (an engine that
+        # scales the MoE output itself keeps the default, apply_routed_scaling_factor_on_output=False).
         if cfg.hash_routing:
             weights, ids = dk.hash_topk(logits, input_ids, w["tid2eid"],
-                                        routed_scaling_factor=cfg.routed_scaling_factor, impl=self.impl)
+                                        routed_scaling_factor=cfg.routed_scaling_factor,
+                                        apply_routed_scaling_factor_on_output=True, impl=self.impl)
         else:
-            weights, ids = dk.score_topk(logits, w["bias"], cfg.topk, cfg.routed_scaling_factor, impl=self.impl)
+            weights, ids = dk.score_topk(logits, w["bias"], cfg.topk, cfg.routed_scaling_factor,
+                                         apply_routed_scaling_factor_on_output=True, impl=self.impl)
         return dk.fp4_grouped_moe(y16, ids, weights, w["w13"], w["w13_scale"], w["w2"], w["w2_scale"],
                                   impl=self.impl)
 

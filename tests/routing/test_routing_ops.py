@@ -121,18 +121,18 @@ def test_score_topk_any_shape(impl, device, case):
 
 def _score_args():
     return dict(router_logits=torch.randn(3, 256), bias=torch.randn(256), topk=6, routed_scaling_factor=1.5,
-                num_fused_shared_experts=1)
+                num_fused_shared_experts=1, apply_routed_scaling_factor_on_output=False, renormalize=True)
 
 
 def _hash_args():
     return dict(router_logits=torch.randn(3, 256), input_ids=torch.tensor([0, 5, 9]),
                 tid2eid=torch.randint(0, 256, (10, 6), dtype=torch.int32), num_fused_shared_experts=0,
-                routed_scaling_factor=2.5)
+                routed_scaling_factor=2.5, apply_routed_scaling_factor_on_output=True)
 
 
 BAD = [
     ("score", "router_logits", lambda a: a.tolist(), "router_logits: expected a torch.Tensor, got list"),
-    ("score", "router_logits", lambda a: a.bfloat16(), "router_logits: expected dtype torch.float32, got torch.bfloat16"),
+    ("score", "router_logits", lambda a: a.half(), "router_logits: expected dtype torch.float32 or torch.bfloat16, got torch.float16"),
     ("score", "router_logits", lambda a: a[None], "router_logits: expected 2 dimensions, got 3"),
     ("score", "router_logits", lambda a: torch.randn(256, 3).t(), "router_logits: expected a contiguous tensor"),
     ("score", "router_logits", lambda a: torch.randn(3, 0), "router_logits: expected shape (T, E) with E >= 1 experts, got (3, 0)"),
@@ -151,7 +151,10 @@ BAD = [
     ("score", "routed_scaling_factor", lambda a: "1.5", "routed_scaling_factor: expected a positive finite float, got str"),
     ("score", "num_fused_shared_experts", lambda a: 2, "num_fused_shared_experts: expected one of 0, 1, got 2"),
     ("score", "num_fused_shared_experts", lambda a: True, "num_fused_shared_experts: expected an int, got bool"),
-    ("hash", "router_logits", lambda a: a.half(), "router_logits: expected dtype torch.float32, got torch.float16"),
+    ("score", "apply_routed_scaling_factor_on_output", lambda a: "yes", "apply_routed_scaling_factor_on_output: expected a bool, got str"),
+    ("score", "renormalize", lambda a: None, "renormalize: expected a bool, got NoneType None"),
+    ("hash", "router_logits", lambda a: a.double(), "router_logits: expected dtype torch.float32 or torch.bfloat16, got torch.float64"),
+    ("hash", "apply_routed_scaling_factor_on_output", lambda a: 1, "apply_routed_scaling_factor_on_output: expected a bool, got int 1"),
     ("hash", "input_ids", lambda a: a.float(), "input_ids: expected dtype torch.int32 or torch.int64, got torch.float32"),
     ("hash", "input_ids", lambda a: torch.tensor([0, 5, 9, 1]), "input_ids: expected shape (3,), got (4,)"),
     ("hash", "input_ids", lambda a: a[:, None], "input_ids: expected shape (3,), got (3, 1)"),
@@ -190,11 +193,11 @@ def test_valid_arguments_of_the_refusal_table_run():
 @pytest.mark.parametrize("T", [0, 3])
 def test_torch_library_ops_are_complete(T):
     logits, bias = torch.randn(T, 256), torch.randn(256)
-    torch.library.opcheck(torch.ops.dsv4.score_topk.default, (logits, bias, 6, 1.5, 1, "reference"),
+    torch.library.opcheck(torch.ops.dsv4.score_topk.default, (logits, bias, 6, 1.5, 1, False, True, "reference"),
                           test_utils=("test_schema", "test_faketensor"))
     tid2eid = torch.randint(0, 256, (50, 6), dtype=torch.int32)
     torch.library.opcheck(torch.ops.dsv4.hash_topk.default,
-                          (logits, torch.randint(0, 50, (T,)), tid2eid, 1, 2.5, "reference"),
+                          (logits, torch.randint(0, 50, (T,)), tid2eid, 1, 2.5, True, "reference"),
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -217,9 +220,9 @@ def test_torch_compile_traces_without_graph_breaks():
 
 @pytest.mark.op("score_topk")
 def test_score_topk_ladder_cases(impl, device):
-    assert "10 cases match" in ladder.run_cases(ops.SCORE_OP, impl, device)
+    assert "13 cases match" in ladder.run_cases(ops.SCORE_OP, impl, device)
 
 
 @pytest.mark.op("hash_topk")
 def test_hash_topk_ladder_cases(impl, device):
-    assert "8 cases match" in ladder.run_cases(ops.HASH_OP, impl, device)
+    assert "10 cases match" in ladder.run_cases(ops.HASH_OP, impl, device)

@@ -30,7 +30,7 @@ def _check_against_oracle(weights, ids, exp_w, exp_ids):
     assert_close(weights, exp_w, atol=W_ATOL, rtol=W_RTOL, what="weights")
 
 
-def _check_score_invariants(logits, bias, weights, ids, topk, rsf, n_shared):
+def _check_score_invariants(logits, bias, weights, ids, topk, rsf, n_shared, apply=False):
     """Structure every score_topk output must have, checked without sorting."""
     T, E = logits.shape
     s = _s_oracle(logits)
@@ -51,10 +51,12 @@ def _check_score_invariants(logits, bias, weights, ids, topk, rsf, n_shared):
         assert not (tied < last_id).any(), "a tied unselected expert has a smaller index"
         if s[t, routed[t]].double().sum() > 1e-12:
             # Six fp32 weights each within half an ulp: their fp64 sum is within 1e-6 relative.
-            assert abs(weights[t, :topk].double().sum().item() - rsf) <= 1e-6 * rsf
+            total = rsf if apply else 1.0
+            assert abs(weights[t, :topk].double().sum().item() - total) <= 1e-6 * total
     if n_shared:
         assert torch.equal(ids[:, topk:], (E + torch.arange(n_shared, dtype=torch.int32)).expand(T, n_shared))
-        assert torch.equal(weights[:, topk:], torch.full((T, n_shared), 1.0 / rsf, dtype=torch.float32))
+        shared = 1.0 if apply else 1.0 / rsf
+        assert torch.equal(weights[:, topk:], torch.full((T, n_shared), shared, dtype=torch.float32))
 
 
 def test_sqrt_softplus_hand_values():
@@ -95,8 +97,17 @@ def test_score_topk_hand_case():
     # keys = 5 10 16 8 7 9 5.5 11 -> top 3: expert 2 (16), 7 (11), 1 (10). By s alone it would be 7, 1, 5.
     w, ids = score_topk(logits, bias, topk=3, routed_scaling_factor=1.5)
     assert ids.tolist() == [[2, 7, 1]]
-    # weights from s: (6, 11, 10) / 27 * 1.5 = 1/3, 11/18, 5/9
+    # weights from s: (6, 11, 10) / 27, not scaled by routed_scaling_factor (the engines' convention)
+    assert_close(w, torch.tensor([[6 / 27, 11 / 27, 10 / 27]], dtype=torch.float64), W_ATOL, W_RTOL)
+    w, ids = score_topk(logits, bias, topk=3, routed_scaling_factor=1.5, apply_routed_scaling_factor_on_output=True)
+    # scaled on the output: (6, 11, 10) / 27 * 1.5 = 1/3, 11/18, 5/9
     assert_close(w, torch.tensor([[1 / 3, 11 / 18, 5 / 9]], dtype=torch.float64), W_ATOL, W_RTOL)
+    for apply, scale in ((False, 1.0), (True, 1.5)):
+        w, ids = score_topk(logits, bias, 3, 1.5, 1, apply, renormalize=False)
+        assert ids.tolist() == [[2, 7, 1, 8]]
+        # the raw s of the selected experts; shared column 1 / rsf, or 1 when the factor is applied
+        want = torch.tensor([[6.0 * scale, 11.0 * scale, 10.0 * scale, 1.0 if apply else 1 / 1.5]])
+        assert torch.equal(w, want)
 
 
 def test_score_topk_exact_ties_smaller_index_first():
@@ -112,7 +123,8 @@ def test_score_topk_exact_ties_smaller_index_first():
 
 
 def test_score_topk_all_equal_row():
-    w, ids = score_topk(torch.zeros(2, 8), torch.zeros(8), topk=6, routed_scaling_factor=2.5)
+    w, ids = score_topk(torch.zeros(2, 8), torch.zeros(8), topk=6, routed_scaling_factor=2.5,
+                        apply_routed_scaling_factor_on_output=True)
     assert ids.tolist() == [[0, 1, 2, 3, 4, 5]] * 2
     assert_close(w, torch.full((2, 6), 2.5 / 6, dtype=torch.float64), W_ATOL, W_RTOL)
 
@@ -131,8 +143,8 @@ def test_v4_flash_bias_trap():
     T, E, rsf = 16, 256, 1.5
     logits = torch.randn(T, E)
     bias = 8.08 + 0.003 * torch.randn(E)
-    w, ids = score_topk(logits, bias, topk=6, routed_scaling_factor=rsf)
-    exp_w, exp_ids = _score_oracle(logits, bias, 6, rsf, 0)
+    w, ids = score_topk(logits, bias, topk=6, routed_scaling_factor=rsf, apply_routed_scaling_factor_on_output=True)
+    exp_w, exp_ids = _score_oracle(logits, bias, 6, rsf, 0, apply=True)
     _check_against_oracle(w, ids, exp_w, exp_ids)
     # The wrong weights (biased scores renormalised) are nearly flat, rsf / 6 each. They must be far
     # outside the tolerance above, so that this test fails if the reference used them.
@@ -177,7 +189,8 @@ def test_hash_topk_hand_case():
     tid2eid = torch.tensor([[0, 1, 2], [7, 0, 5], [3, 3, 4], [6, 2, 1]], dtype=torch.int32)
     for dtype in (torch.int64, torch.int32):
         input_ids = torch.tensor([1, 3, 2], dtype=dtype)
-        w, ids = hash_topk(logits, input_ids, tid2eid, routed_scaling_factor=2.0)
+        w, ids = hash_topk(logits, input_ids, tid2eid, routed_scaling_factor=2.0,
+                           apply_routed_scaling_factor_on_output=True)
         # table order, not sorted by score
         assert ids.tolist() == [[7, 0, 5], [6, 2, 1], [3, 3, 4]]
         # row 0: s = 11, 5, 9 -> /25 ; row 1: all s equal ; row 2: s = 8, 8, 7 (duplicate counted twice) -> /23
@@ -186,7 +199,11 @@ def test_hash_topk_hand_case():
         assert_close(w, expected, W_ATOL, W_RTOL)
     w, ids = hash_topk(logits, torch.tensor([1, 3, 2]), tid2eid, num_fused_shared_experts=1,
                        routed_scaling_factor=2.0)
+    # the engines' convention: routed weights normalised, the shared expert 1 / rsf
     assert ids[:, 3].tolist() == [8, 8, 8] and w[:, 3].tolist() == [0.5, 0.5, 0.5]
+    assert_close(w[:, :3], expected / 2.0, W_ATOL, W_RTOL)
+    w, ids = hash_topk(logits, torch.tensor([1, 3, 2]), tid2eid, 1, 2.0, apply_routed_scaling_factor_on_output=True)
+    assert w[:, 3].tolist() == [1.0, 1.0, 1.0]
     assert_close(w[:, :3], expected, W_ATOL, W_RTOL)
 
 
@@ -213,6 +230,7 @@ def _routing_case(draw):
     topk = draw(st.integers(1, min(E, 8)))
     rsf = draw(st.sampled_from([1.0, 1.5, 2.5, 0.7]))
     n_shared = draw(st.integers(0, 2))
+    apply = draw(st.booleans())
     scale = draw(st.sampled_from([0.1, 1.0, 4.0, 40.0]))
     quantised = draw(st.booleans())
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
@@ -220,24 +238,26 @@ def _routing_case(draw):
     bias = draw(st.sampled_from([0.0, 8.08])) + 0.05 * torch.randn(E, generator=g)
     if quantised:
         logits, bias = logits.round(), (4 * bias).round() / 4
-    return logits, bias, topk, rsf, n_shared
+    return logits, bias, topk, rsf, n_shared, apply
 
 
 @given(_routing_case())
 @settings(deadline=None)
 def test_score_topk_property(case):
-    logits, bias, topk, rsf, n_shared = case
-    w, ids = score_topk(logits, bias, topk, rsf, n_shared)
-    _check_against_oracle(w, ids, *_score_oracle(logits, bias, topk, rsf, n_shared))
-    _check_score_invariants(logits, bias, w, ids, topk, rsf, n_shared)
+    logits, bias, topk, rsf, n_shared, apply = case
+    w, ids = score_topk(logits, bias, topk, rsf, n_shared, apply)
+    _check_against_oracle(w, ids, *_score_oracle(logits, bias, topk, rsf, n_shared, apply))
+    _check_score_invariants(logits, bias, w, ids, topk, rsf, n_shared, apply)
+    raw_w, raw_ids = score_topk(logits, bias, topk, rsf, n_shared, apply, renormalize=False)
+    _check_against_oracle(raw_w, raw_ids, *_score_oracle(logits, bias, topk, rsf, n_shared, apply, False))
 
 
 @given(_routing_case(), st.integers(1, 300), st.integers(0, 2**31 - 1))
 @settings(deadline=None)
 def test_hash_topk_property(case, V, seed):
-    logits, _, topk, rsf, n_shared = case
+    logits, _, topk, rsf, n_shared, apply = case
     g = torch.Generator().manual_seed(seed)
     tid2eid = torch.randint(0, logits.shape[1], (V, topk), generator=g, dtype=torch.int32)
     input_ids = torch.randint(0, V, (logits.shape[0],), generator=g)
-    w, ids = hash_topk(logits, input_ids, tid2eid, n_shared, rsf)
-    _check_against_oracle(w, ids, *_hash_oracle(logits, input_ids, tid2eid, n_shared, rsf))
+    w, ids = hash_topk(logits, input_ids, tid2eid, n_shared, rsf, apply)
+    _check_against_oracle(w, ids, *_hash_oracle(logits, input_ids, tid2eid, n_shared, rsf, apply))

@@ -31,15 +31,19 @@ def _shared_experts(value) -> None:
     _checks.one_of("num_fused_shared_experts", _checks.integer("num_fused_shared_experts", value), SHARED_EXPERTS)
 
 
+LOGIT_DTYPES = (torch.float32, torch.bfloat16)
+
+
 def _logits(router_logits) -> tuple[int, int]:
-    _checks.tensor("router_logits", router_logits, torch.float32, ndim=2)
+    _checks.tensor("router_logits", router_logits, LOGIT_DTYPES, ndim=2)
     T, E = router_logits.shape
     if E < 1:
         raise ValueError(f"router_logits: expected shape (T, E) with E >= 1 experts, got {tuple(router_logits.shape)}")
     return T, E
 
 
-def validate_score_topk(router_logits, bias, topk, routed_scaling_factor, num_fused_shared_experts) -> None:
+def validate_score_topk(router_logits, bias, topk, routed_scaling_factor, num_fused_shared_experts,
+                        apply_routed_scaling_factor_on_output=False, renormalize=True) -> None:
     _, E = _logits(router_logits)
     _checks.tensor("bias", bias, torch.float32)
     _checks.shape("bias", bias, (E,))
@@ -49,9 +53,12 @@ def validate_score_topk(router_logits, bias, topk, routed_scaling_factor, num_fu
                          f"got {topk}")
     _checks.positive_float("routed_scaling_factor", routed_scaling_factor)
     _shared_experts(num_fused_shared_experts)
+    _checks.boolean("apply_routed_scaling_factor_on_output", apply_routed_scaling_factor_on_output)
+    _checks.boolean("renormalize", renormalize)
 
 
-def validate_hash_topk(router_logits, input_ids, tid2eid, num_fused_shared_experts, routed_scaling_factor) -> None:
+def validate_hash_topk(router_logits, input_ids, tid2eid, num_fused_shared_experts, routed_scaling_factor,
+                       apply_routed_scaling_factor_on_output=False) -> None:
     T, E = _logits(router_logits)
     _checks.tensor("input_ids", input_ids, ID_DTYPES)
     _checks.shape("input_ids", input_ids, (T,))
@@ -65,6 +72,7 @@ def validate_hash_topk(router_logits, input_ids, tid2eid, num_fused_shared_exper
     _checks.same_device(router_logits=router_logits, input_ids=input_ids, tid2eid=tid2eid)
     _shared_experts(num_fused_shared_experts)
     _checks.positive_float("routed_scaling_factor", routed_scaling_factor)
+    _checks.boolean("apply_routed_scaling_factor_on_output", apply_routed_scaling_factor_on_output)
 
 
 for _op, _fn in ((SCORE_OP, "score_topk"), (HASH_OP, "hash_topk")):
@@ -79,45 +87,54 @@ def _fake_outputs(like: torch.Tensor, rows, cols) -> tuple[torch.Tensor, torch.T
 
 @torch.library.custom_op("dsv4::score_topk", mutates_args=())
 def _score_topk_op(router_logits: torch.Tensor, bias: torch.Tensor, topk: int, routed_scaling_factor: float,
-                   num_fused_shared_experts: int, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+                   num_fused_shared_experts: int, apply_routed_scaling_factor_on_output: bool, renormalize: bool,
+                   impl: str) -> tuple[torch.Tensor, torch.Tensor]:
     return dispatch.call(SCORE_OP, router_logits, bias, topk, routed_scaling_factor, num_fused_shared_experts,
-                         impl=impl or None)
+                         apply_routed_scaling_factor_on_output, renormalize, impl=impl or None)
 
 
 @_score_topk_op.register_fake
-def _(router_logits, bias, topk, routed_scaling_factor, num_fused_shared_experts, impl):
+def _(router_logits, bias, topk, routed_scaling_factor, num_fused_shared_experts, apply_routed_scaling_factor_on_output,
+      renormalize, impl):
     return _fake_outputs(router_logits, router_logits.shape[0], topk + num_fused_shared_experts)
 
 
 @torch.library.custom_op("dsv4::hash_topk", mutates_args=())
 def _hash_topk_op(router_logits: torch.Tensor, input_ids: torch.Tensor, tid2eid: torch.Tensor,
                   num_fused_shared_experts: int, routed_scaling_factor: float,
-                  impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+                  apply_routed_scaling_factor_on_output: bool, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
     return dispatch.call(HASH_OP, router_logits, input_ids, tid2eid, num_fused_shared_experts, routed_scaling_factor,
-                         impl=impl or None)
+                         apply_routed_scaling_factor_on_output, impl=impl or None)
 
 
 @_hash_topk_op.register_fake
-def _(router_logits, input_ids, tid2eid, num_fused_shared_experts, routed_scaling_factor, impl):
+def _(router_logits, input_ids, tid2eid, num_fused_shared_experts, routed_scaling_factor,
+      apply_routed_scaling_factor_on_output, impl):
     return _fake_outputs(router_logits, router_logits.shape[0], tid2eid.shape[1] + num_fused_shared_experts)
 
 
 def score_topk(router_logits: torch.Tensor, bias: torch.Tensor, topk: int = 6, routed_scaling_factor: float = 1.0,
-               num_fused_shared_experts: int = 0, *, impl: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               num_fused_shared_experts: int = 0, apply_routed_scaling_factor_on_output: bool = False,
+               renormalize: bool = True, *, impl: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Score-layer routing (layers >= 3): top-k experts of s + bias, weights from s alone.
 
     s = sqrt(softplus(router_logits)) in fp32 (softplus(x) = x for x > 20).
-    router_logits: [T, E] fp32, contiguous: the gate GEMM output (E = 256 V4-Flash, 384 V4-Pro). T may be 0.
+    router_logits: [T, E] fp32 (bf16 accepted, upcast), contiguous: the gate GEMM output (E = 256 V4-Flash,
+        384 V4-Pro). T may be 0.
     bias: [E] fp32, contiguous, same device: the score-correction bias, used for selection only.
     topk: routed experts per token, an int with 1 <= topk <= E (6 in V4).
-    routed_scaling_factor: positive finite float multiplying the normalised routed weights (1.5 Flash,
-        2.5 Pro).
-    num_fused_shared_experts: 0 or 1. With 1, a trailing column holds expert id E with weight
-        1 / routed_scaling_factor (the shared expert fused into the routed MoE).
+    routed_scaling_factor: positive finite float (1.5 Flash, 2.5 Pro). By default (the engines'
+        convention: FlashInfer, SGLang) it does NOT scale the routed weights: the caller scales the MoE
+        output, and a fused shared expert gets 1 / routed_scaling_factor.
+    num_fused_shared_experts: 0 or 1. With 1, a trailing column holds expert id E (the shared expert
+        fused into the routed MoE) with weight 1 / routed_scaling_factor, or 1.0 when applied on output.
+    apply_routed_scaling_factor_on_output: bool; True multiplies the routed weights by the factor (the
+        official model's arithmetic) and gives the shared column 1.0.
+    renormalize: bool; False returns the raw selected s (a checkpoint's norm_topk_prob=False).
     impl: run this implementation ("reference") or raise.
     Returns (weights, ids), both [T, topk + num_fused_shared_experts]:
-        weights fp32: routed columns s[ids] / (sum of those s + 1e-20) * routed_scaling_factor, so a row
-            sums to routed_scaling_factor (0 if every selected s is 0);
+        weights fp32: routed columns s[ids] / (sum of those s + 1e-20), so a row sums to 1 (0 if every
+            selected s is 0); times routed_scaling_factor when applied on the output;
         ids int32: distinct experts in descending order of the fp32 key s + bias; ties go to the smaller
             expert index first.
     Edge cases: T = 0 gives [0, topk + n] outputs. NaN in, NaN out: a row with a NaN logit (every row,
@@ -126,22 +143,26 @@ def score_topk(router_logits: torch.Tensor, bias: torch.Tensor, topk: int = 6, r
     routed_scaling_factor that is not a positive finite number, or num_fused_shared_experts not in
     {0, 1} (V4 fuses one shared expert; engines disagree on what n > 1 means, so it is refused).
     """
-    validate_score_topk(router_logits, bias, topk, routed_scaling_factor, num_fused_shared_experts)
+    validate_score_topk(router_logits, bias, topk, routed_scaling_factor, num_fused_shared_experts,
+                        apply_routed_scaling_factor_on_output, renormalize)
     return _score_topk_op(router_logits, bias, topk, float(routed_scaling_factor), num_fused_shared_experts,
-                          _checks.impl_name(impl))
+                          apply_routed_scaling_factor_on_output, renormalize, _checks.impl_name(impl))
 
 
 def hash_topk(router_logits: torch.Tensor, input_ids: torch.Tensor, tid2eid: torch.Tensor,
-              num_fused_shared_experts: int = 0, routed_scaling_factor: float = 1.0, *,
+              num_fused_shared_experts: int = 0, routed_scaling_factor: float = 1.0,
+              apply_routed_scaling_factor_on_output: bool = False, *,
               impl: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Hash-layer routing (layers 0, 1, 2): experts looked up from the token id, weights from s.
 
-    router_logits: [T, E] fp32, contiguous: the gate GEMM output. T may be 0.
+    router_logits: [T, E] fp32 (bf16 accepted, upcast), contiguous: the gate GEMM output. T may be 0.
     input_ids: [T] int32 or int64, contiguous, same device: token ids, each in [0, V).
     tid2eid: [V, k] int32, contiguous, same device: the frozen token-to-experts table (V = 129280 and
         k = 6 in V4), 1 <= k <= E, every entry in [0, E).
     num_fused_shared_experts: 0 or 1, as in score_topk.
-    routed_scaling_factor: positive finite float, as in score_topk.
+    routed_scaling_factor: positive finite float, as in score_topk (by default it only sets the shared
+        column's weight, 1 / routed_scaling_factor).
+    apply_routed_scaling_factor_on_output: bool, as in score_topk.
     impl: run this implementation ("reference") or raise.
     Returns (weights, ids), both [T, k + num_fused_shared_experts]:
         ids int32: tid2eid[input_ids] in table order (not sorted), then E for the shared column;
@@ -156,11 +177,12 @@ def hash_topk(router_logits: torch.Tensor, input_ids: torch.Tensor, tid2eid: tor
     [1, E], a routed_scaling_factor that is not a positive finite number, or num_fused_shared_experts
     not in {0, 1}.
     """
-    validate_hash_topk(router_logits, input_ids, tid2eid, num_fused_shared_experts, routed_scaling_factor)
+    validate_hash_topk(router_logits, input_ids, tid2eid, num_fused_shared_experts, routed_scaling_factor,
+                       apply_routed_scaling_factor_on_output)
     _values.check(_values.InRange("input_ids", input_ids, 0, tid2eid.shape[0], what="rows of tid2eid"),
                   _values.InRange("tid2eid", tid2eid, 0, router_logits.shape[1], what="experts"))
     return _hash_topk_op(router_logits, input_ids, tid2eid, num_fused_shared_experts, float(routed_scaling_factor),
-                         _checks.impl_name(impl))
+                         apply_routed_scaling_factor_on_output, _checks.impl_name(impl))
 
 
 def _compare(out: torch.Tensor, expected: torch.Tensor) -> None:
@@ -204,6 +226,12 @@ def _score_cases(device: torch.device) -> list[tuple[str, tuple, dict]]:
     cases.append(("ties-E384-T63", (logits, bias, 6, 2.5, 0), {}))
     cases.append(("odd-E100-T7-top1", (torch.randn(7, 100, device=device), torch.randn(100, device=device), 1, 0.7, 1),
                   {}))
+    logits = 2.0 * torch.randn(5, PRO["E"], device=device)
+    cases.append(("pro-T5-scaled-on-output", (logits, _bias(PRO["E"], device), 6, PRO["rsf"], 1),
+                  {"apply_routed_scaling_factor_on_output": True}))
+    cases.append(("pro-T5-raw-scores", (logits, _bias(PRO["E"], device), 6, PRO["rsf"], 0), {"renormalize": False}))
+    cases.append(("flash-T4-bf16-logits", (logits[:4, :FLASH["E"]].bfloat16(), _bias(FLASH["E"], device), 6,
+                                           FLASH["rsf"], 1), {}))
     return cases
 
 
@@ -220,6 +248,9 @@ def _hash_cases(device: torch.device) -> list[tuple[str, tuple, dict]]:
             logits = 2.0 * torch.randn(T, E, device=device)
             label = f"{cfg['model']}-E{E}-T{T}" + ("-shared" if shared else "") + f"-{str(id_dtype)[6:]}"
             cases.append((label, (logits, input_ids, tid2eid, shared, rsf), {}))
+        cases.append((f"{cfg['model']}-E{E}-T3-scaled-on-output", (2.0 * torch.randn(3, E, device=device),
+                      torch.tensor([0, 1, VOCAB - 1], device=device), tid2eid, 1, rsf),
+                      {"apply_routed_scaling_factor_on_output": True}))
     return cases
 
 

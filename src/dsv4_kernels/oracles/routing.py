@@ -22,13 +22,19 @@ def sqrt_softplus(logits: torch.Tensor) -> torch.Tensor:
     return torch.tensor([math.sqrt(v) for v in vals], dtype=torch.float32).view(logits.shape)
 
 
-def normalised_weights(s_row: list[float], ids: list[int], rsf: float) -> list[float]:
-    """s[e] / (sum of s over ids + 1e-20) * rsf for each e in ids (repeated ids count each time)."""
-    total = sum(s_row[e] for e in ids)
-    return [s_row[e] / (total + 1e-20) * rsf for e in ids]
+def normalised_weights(s_row: list[float], ids: list[int], rsf: float, apply: bool = False,
+                       renormalize: bool = True) -> list[float]:
+    """s[e] (/ (sum of s over ids + 1e-20) when renormalize) (* rsf when apply) for each e in ids
+    (repeated ids count each time)."""
+    total = sum(s_row[e] for e in ids) + 1e-20 if renormalize else 1.0
+    return [s_row[e] / total * (rsf if apply else 1.0) for e in ids]
 
 
-def score_topk_fp64(logits, bias, topk, rsf, n_shared):
+def _shared(rsf: float, apply: bool, n_shared: int) -> list[float]:
+    return [1.0 if apply else 1.0 / rsf] * n_shared
+
+
+def score_topk_fp64(logits, bias, topk, rsf, n_shared, apply=False, renormalize=True):
     """(weights [T, topk + n_shared] fp64, ids [T, topk + n_shared] int32): sort by (-key, index)."""
     s = sqrt_softplus(logits)
     key = (s + bias).tolist()
@@ -38,13 +44,13 @@ def score_topk_fp64(logits, bias, topk, rsf, n_shared):
     for t in range(logits.shape[0]):
         row = sorted(range(E), key=lambda e: (-key[t][e], e))[:topk]
         ids.append(row + [E + j for j in range(n_shared)])
-        weights.append(normalised_weights(s[t], row, rsf) + [1.0 / rsf] * n_shared)
+        weights.append(normalised_weights(s[t], row, rsf, apply, renormalize) + _shared(rsf, apply, n_shared))
     shape = (logits.shape[0], topk + n_shared)
     return (torch.tensor(weights, dtype=torch.float64).view(shape),
             torch.tensor(ids, dtype=torch.int32).view(shape))
 
 
-def hash_topk_fp64(logits, input_ids, tid2eid, n_shared, rsf):
+def hash_topk_fp64(logits, input_ids, tid2eid, n_shared, rsf, apply=False):
     """(weights [T, k + n_shared] fp64, ids [T, k + n_shared] int32): table rows in table order."""
     s = sqrt_softplus(logits).tolist()
     E, k = logits.shape[1], tid2eid.shape[1]
@@ -52,20 +58,23 @@ def hash_topk_fp64(logits, input_ids, tid2eid, n_shared, rsf):
     for t, tok in enumerate(input_ids.tolist()):
         row = tid2eid[tok].tolist()
         ids.append(row + [E + j for j in range(n_shared)])
-        weights.append(normalised_weights(s[t], row, rsf) + [1.0 / rsf] * n_shared)
+        weights.append(normalised_weights(s[t], row, rsf, apply) + _shared(rsf, apply, n_shared))
     shape = (len(ids), k + n_shared)
     return (torch.tensor(weights, dtype=torch.float64).view(shape),
             torch.tensor(ids, dtype=torch.int32).view(shape))
 
 
-def score_topk(router_logits, bias, topk=6, routed_scaling_factor=1.0, num_fused_shared_experts=0):
+def score_topk(router_logits, bias, topk=6, routed_scaling_factor=1.0, num_fused_shared_experts=0,
+               apply_routed_scaling_factor_on_output=False, renormalize=True):
     """The op's signature and outputs: (weights fp32, ids int32), weights rounded once from fp64."""
-    w, ids = score_topk_fp64(router_logits.cpu(), bias.cpu(), topk, routed_scaling_factor, num_fused_shared_experts)
+    w, ids = score_topk_fp64(router_logits.float().cpu(), bias.cpu(), topk, routed_scaling_factor,
+                             num_fused_shared_experts, apply_routed_scaling_factor_on_output, renormalize)
     return w.float(), ids
 
 
-def hash_topk(router_logits, input_ids, tid2eid, num_fused_shared_experts=0, routed_scaling_factor=1.0):
+def hash_topk(router_logits, input_ids, tid2eid, num_fused_shared_experts=0, routed_scaling_factor=1.0,
+              apply_routed_scaling_factor_on_output=False):
     """The op's signature and outputs: (weights fp32, ids int32), weights rounded once from fp64."""
-    w, ids = hash_topk_fp64(router_logits.cpu(), input_ids.cpu(), tid2eid.cpu(), num_fused_shared_experts,
-                            routed_scaling_factor)
+    w, ids = hash_topk_fp64(router_logits.float().cpu(), input_ids.cpu(), tid2eid.cpu(), num_fused_shared_experts,
+                            routed_scaling_factor, apply_routed_scaling_factor_on_output)
     return w.float(), ids
