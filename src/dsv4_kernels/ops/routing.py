@@ -1,15 +1,17 @@
 """MoE routing ops (SPEC 3, SPEC 7 "Routing"): score_topk for score layers, hash_topk for hash layers.
 
 Both take the fp32 gate logits, compute s = sqrt(softplus(logits)) and return (weights fp32, ids int32)
-with the routed weights normalised from s alone. Only the reference implementation exists so far.
+with the routed weights normalised from s alone. Implementations: the PyTorch reference and one fused
+Triton kernel per op (kernels/routing/triton.py; up to 512 experts and top-16).
 """
 from __future__ import annotations
 
 
 import torch
 
-from dsv4_kernels import dispatch
+from dsv4_kernels import dispatch, toolchains
 from dsv4_kernels.dispatch import Implementation
+from dsv4_kernels.kernels import routing as routing_kernels
 from dsv4_kernels.ladder import OpCheck, register_check
 from dsv4_kernels.oracles import routing as oracle
 from dsv4_kernels.ops import _checks, _values
@@ -75,10 +77,18 @@ def validate_hash_topk(router_logits, input_ids, tid2eid, num_fused_shared_exper
     _checks.boolean("apply_routed_scaling_factor_on_output", apply_routed_scaling_factor_on_output)
 
 
-for _op, _fn in ((SCORE_OP, "score_topk"), (HASH_OP, "hash_topk")):
+# Triton: BLOCK_T tokens per program, all experts of a token in one program (kernels/routing/README.md).
+TRITON_DEFAULTS = {SCORE_OP: {"BLOCK_T": 4, "num_warps": 4}, HASH_OP: {"BLOCK_T": 4, "num_warps": 4}}
+
+for _op in (SCORE_OP, HASH_OP):
     dispatch.register(Implementation(
         _op, "reference", "reference", ("cpu", "cuda", "rocm", "ascend"),
-        entry=f"dsv4_kernels.reference.routing:{_fn}", priority=0))
+        entry=f"dsv4_kernels.reference.routing:{_op}", priority=0))
+    dispatch.register(Implementation(
+        _op, "triton", "triton", ("cpu", "cuda", "rocm"),
+        entry=f"dsv4_kernels.kernels.routing.triton:{_op}", priority=20,
+        available=toolchains.triton_available, supports=getattr(routing_kernels, f"supports_{_op}"),
+        codegen=f"dsv4_kernels.kernels.routing.triton:codegen_{_op}", defaults=dict(TRITON_DEFAULTS[_op])))
 
 
 def _fake_outputs(like: torch.Tensor, rows, cols) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,7 +141,7 @@ def score_topk(router_logits: torch.Tensor, bias: torch.Tensor, topk: int = 6, r
     apply_routed_scaling_factor_on_output: bool; True multiplies the routed weights by the factor (the
         official model's arithmetic) and gives the shared column 1.0.
     renormalize: bool; False returns the raw selected s (a checkpoint's norm_topk_prob=False).
-    impl: run this implementation ("reference") or raise.
+    impl: run this implementation ("reference", "triton") or raise.
     Returns (weights, ids), both [T, topk + num_fused_shared_experts]:
         weights fp32: routed columns s[ids] / (sum of those s + 1e-20), so a row sums to 1 (0 if every
             selected s is 0); times routed_scaling_factor when applied on the output;
@@ -163,7 +173,7 @@ def hash_topk(router_logits: torch.Tensor, input_ids: torch.Tensor, tid2eid: tor
     routed_scaling_factor: positive finite float, as in score_topk (by default it only sets the shared
         column's weight, 1 / routed_scaling_factor).
     apply_routed_scaling_factor_on_output: bool, as in score_topk.
-    impl: run this implementation ("reference") or raise.
+    impl: run this implementation ("reference", "triton") or raise.
     Returns (weights, ids), both [T, k + num_fused_shared_experts]:
         ids int32: tid2eid[input_ids] in table order (not sorted), then E for the shared column;
         weights fp32: s = sqrt(softplus(router_logits)) gathered at ids and normalised as in score_topk
