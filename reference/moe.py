@@ -34,8 +34,8 @@ def mxfp4_grouped_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, 
         b: [G, N, K / 2] uint8 packed FP4 weights (low nibble = even k).
         b_scale: [G, N, K / 32] uint8 ue8m0 scales.
         m_indices: [M] int32 expert of each row. The SPEC contract is that rows of one expert are
-            contiguous; the reference does not need it. -1 (or any id outside [0, G)) marks a padding row,
-            whose output is 0.
+            contiguous; the reference does not need it. -1 (or any id outside [0, G), never wrapped) marks
+            a padding row, whose output is 0 whatever a holds there.
         act_block_size: activation block size along K (32 or 128); the reference reads it from the
             shapes, the argument is kept for the op's signature.
     Returns:
@@ -67,9 +67,11 @@ def fp4_grouped_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch
 
     Args:
         x: [T, dim] bf16; T may be 0.
-        topk_ids: [T, k] int32. An id of -1 (dropped slot), or any id outside [0, E), contributes nothing.
-            A duplicate id in one row counts once per occurrence.
-        topk_weights: [T, k] fp32 routing weights (applied before the down projection).
+        topk_ids: [T, k] int32. An id of -1 (dropped slot), or any id outside [0, E) (never wrapped),
+            contributes nothing; its weight is not read. A duplicate id in one row counts once per
+            occurrence.
+        topk_weights: [T, k] fp32 routing weights (applied before the down projection). A NaN or inf
+            weight of a valid slot makes y[t] all NaN (its h block quantises to a NaN scale).
         w13: [E, 2I, dim / 2] uint8 MXFP4; rows [0, I) are the gate W1, rows [I, 2I) the up W3.
         w13_scale: [E, 2I, dim / 32] uint8 ue8m0.
         w2: [E, dim, I / 2] uint8 MXFP4 down projection.
@@ -77,7 +79,8 @@ def fp4_grouped_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch
         act_block_size: FP8 activation block (32 as in DeepGEMM, or 128); dim and I are multiples of it.
         swiglu_limit: clamp bound; a value <= 0 disables both clamps.
     Returns:
-        y: [T, dim] bf16. A token whose ids are all invalid gets 0.
+        y: [T, dim] bf16. A token whose ids are all invalid gets 0. A NaN or inf in x[t] makes y[t] all
+            NaN if the token has a valid id (NaN in, NaN out).
     Only the experts that appear in topk_ids are read, so untouched experts' weights may hold anything.
     """
     t, dim = x.shape

@@ -274,6 +274,89 @@ def test_valid_arguments_of_the_refusal_table_run():
     assert calls == {("mxfp4_grouped_gemm", "reference"): 1, ("fp4_grouped_moe", "reference"): 2}
 
 
+# Data-dependent bad calls (issue 11): refused only in checked mode (DSV4K_CHECK=1), naming the argument,
+# the expected range, the first bad position and its value; masked on the default path, where they give
+# what the same call with -1 in their place gives. (op, argument, bad value, its position, message parts)
+CHECKED = [
+    ("gemm", "m_indices", [0, 2, -1], "m_indices: expected values in [0, 2) (groups of b, G = 2) or -1, got 2 "
+                                      "at position (1,) (DSV4K_CHECK=1 checked mode)"),
+    ("gemm", "m_indices", [0, -2, -1], "m_indices: expected values in [0, 2) (groups of b, G = 2) or -1, got -2 "
+                                       "at position (1,)"),
+    ("gemm", "m_indices", [-1, -1, -3], "got -3 at position (2,)"),
+    ("gemm", "m_indices", [1, 1, 2 ** 31 - 1], f"got {2 ** 31 - 1} at position (2,)"),
+    ("moe", "topk_ids", [[0, 3, -1, 1, 2, -1]] * 2 + [[0, 3, -1, 1, 4, -1]],
+     "topk_ids: expected values in [0, 4) (experts of w13, E = 4) or -1, got 4 at position (2, 4) "
+     "(DSV4K_CHECK=1 checked mode)"),
+    ("moe", "topk_ids", [[0, 3, -2, 1, 2, -1]] * 3, "got -2 at position (0, 2)"),
+    ("moe", "topk_ids", [[0, 3, -1, 1, 2, -1], [-4, -5, 0, 0, 0, 0], [0] * 6], "got -4 at position (1, 0)"),
+    ("moe", "topk_ids", [[0, 3, -1, 1, 2, -(2 ** 31)]] * 3, f"got {-(2 ** 31)} at position (0, 5)"),
+]
+
+
+def _masked(values, low, high):
+    t = torch.tensor(values, dtype=torch.int32)
+    return t, torch.where((t >= low) & (t < high), t, torch.full_like(t, -1))
+
+
+@pytest.mark.parametrize("op, name, values, message", CHECKED, ids=[f"{o}-{i}" for i, (o, *_) in enumerate(CHECKED)])
+def test_bad_ids_are_refused_in_checked_mode_and_masked_otherwise(monkeypatch, op, name, values, message):
+    args = _gemm_args() if op == "gemm" else _moe_args()
+    fn = mxfp4_grouped_gemm if op == "gemm" else fp4_grouped_moe
+    if op == "moe":   # nonzero weights, so that a wrongly used slot would show
+        args["w13"], args["w13_scale"] = ops.random_weights(4, 256, 256, "cpu")
+        args["w2"], args["w2_scale"] = ops.random_weights(4, 256, 128, "cpu")
+    else:
+        args["b"], args["b_scale"] = ops.random_weights(2, 64, 256, "cpu")
+    bad, masked = _masked(values, 0, 2 if op == "gemm" else 4)
+    monkeypatch.delenv("DSV4K_CHECK", raising=False)
+    out = fn(**{**args, name: bad})
+    assert torch.equal(out, fn(**{**args, name: masked}))
+    monkeypatch.setenv("DSV4K_CHECK", "1")
+    with dispatch.recording() as calls, pytest.raises(ValueError) as err:
+        fn(**{**args, name: bad})
+    assert message in str(err.value)
+    assert not calls
+    assert torch.equal(fn(**{**args, name: masked}), out)        # valid ids (-1 included) pass checked mode
+
+
+@pytest.mark.op("fp4_grouped_moe")
+@pytest.mark.parametrize("checked", [False, True], ids=["default", "checked"])
+def test_moe_nan_in_nan_out(impl, device, monkeypatch, checked):
+    """A NaN weight of a valid slot or an inf in x makes that token's row all NaN, in checked mode too;
+    the weight of an invalid slot (-1) is not read; other tokens are unchanged."""
+    if checked:
+        monkeypatch.setenv("DSV4K_CHECK", "1")
+    w13, w13_s = ops.random_weights(3, 256, 256, "cpu")
+    w2, w2_s = ops.random_weights(3, 256, 128, "cpu")
+    x = torch.randn(5, 256).to(torch.bfloat16)
+    ids = torch.tensor([[0, 2], [1, 0], [2, 1], [1, -1], [-1, -1]], dtype=torch.int32)
+    weights = torch.rand(5, 2) + 0.1
+    bad_x, bad_w = x.clone(), weights.clone()
+    bad_w[1, 1] = float("nan")                  # valid slot: token 1 NaN
+    bad_x[2, 200] = float("inf")                # token 2 NaN
+    bad_w[3, 1] = float("nan")                  # slot id -1: not read
+    bad_x[4, 0] = float("nan")                  # no valid slot: y = 0
+    y = fp4_grouped_moe(*_to(device, bad_x, ids, bad_w, w13, w13_s, w2, w2_s), impl=impl).cpu()
+    clean = fp4_grouped_moe(*_to(device, x, ids, weights, w13, w13_s, w2, w2_s), impl=impl).cpu()
+    assert y[1:3].isnan().all()
+    assert torch.equal(y[[0, 3, 4]], clean[[0, 3, 4]]) and (y[4] == 0).all()
+
+
+@pytest.mark.op("mxfp4_grouped_gemm")
+def test_grouped_gemm_nan_rows_and_padding(impl, device):
+    """A non-finite activation block (NaN scale) makes its row NaN; a padding row (-1, -2, G) stays 0
+    even when its activations are NaN."""
+    x = torch.randn(5, 256).to(torch.bfloat16)
+    x[1, 3] = float("nan")
+    x[2, 0] = float("-inf")
+    x[4, 7] = float("inf")
+    a, a_scale = quantize_fp8_blockwise(x, 32)
+    b, b_scale = ops.random_weights(2, 64, 256, "cpu")
+    m_indices = torch.tensor([0, 0, -2, 1, 2], dtype=torch.int32)
+    c = mxfp4_grouped_gemm(*_to(device, a, a_scale, b, b_scale, m_indices), act_block_size=32, impl=impl).cpu()
+    assert c[1].isnan().all() and (c[[2, 4]] == 0).all() and c[[0, 3]].isfinite().all()
+
+
 @pytest.mark.parametrize("T", [0, 3])
 def test_torch_library_ops_are_complete(T):
     m = _moe_args()

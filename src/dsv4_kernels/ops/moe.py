@@ -1,7 +1,13 @@
 """FP4 grouped MoE ops (SPEC 5, SPEC 7 "FP4 MoE"): `mxfp4_grouped_gemm` (FP8 activations times MXFP4
 expert weights, rows grouped by expert) and `fp4_grouped_moe` (the routed experts of one MoE layer:
 gate/up GEMM, clamped SwiGLU with the routing weight, down GEMM, routed sum). Only the reference
-implementation exists so far."""
+implementation exists so far.
+
+Bad values (issue 11). Default path: an id outside its range is invalid and masked on the device (that
+row or slot contributes nothing and reads nothing), never wrapped; NaN in, NaN out (a non-finite
+activation block quantises to a NaN scale, SPEC "Number formats"). Checked mode (DSV4K_CHECK=1, see
+ops/_values.py) refuses ids outside their range other than the -1 sentinel, with one host sync; it does
+not refuse non-finite values."""
 from __future__ import annotations
 
 import math
@@ -12,7 +18,7 @@ import torch
 from dsv4_kernels import dispatch
 from dsv4_kernels.dispatch import Implementation
 from dsv4_kernels.ladder import OpCheck, register_check
-from dsv4_kernels.ops import _checks
+from dsv4_kernels.ops import _checks, _values
 from dsv4_kernels.oracles import moe as oracle
 from dsv4_kernels.reference.formats import quantize_fp8_blockwise
 from dsv4_kernels.testing import assert_calc_diff, assert_same_nonfinite, bf16_ulp
@@ -98,6 +104,18 @@ def validate_moe(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, act_bl
                         w2=w2, w2_scale=w2_scale)
 
 
+def gemm_rules(b: torch.Tensor, m_indices: torch.Tensor) -> tuple[_values.Rule, ...]:
+    """Checked-mode rules of mxfp4_grouped_gemm: m_indices in [0, G) or -1 (padding)."""
+    return (_values.InRange("m_indices", m_indices, 0, b.shape[0], what=f"groups of b, G = {b.shape[0]}",
+                            allow=(-1,)),)
+
+
+def moe_rules(topk_ids: torch.Tensor, w13: torch.Tensor) -> tuple[_values.Rule, ...]:
+    """Checked-mode rules of fp4_grouped_moe: topk_ids in [0, E) or -1 (a dropped slot)."""
+    return (_values.InRange("topk_ids", topk_ids, 0, w13.shape[0], what=f"experts of w13, E = {w13.shape[0]}",
+                            allow=(-1,)),)
+
+
 for _op in (OP_GEMM, OP_MOE):
     dispatch.register(Implementation(
         _op, "reference", "reference", ("cpu", "cuda", "rocm", "ascend"),
@@ -144,19 +162,26 @@ def mxfp4_grouped_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, 
         b_scale: [G, N, K / 32] uint8 ue8m0 bytes, contiguous.
         m_indices: [M] int32, contiguous: the group of each row. Rows of one group are meant to be
             contiguous (kernels may rely on it; the reference does not). -1, or any value outside
-            [0, G), marks a padding row (output 0); values are not checked (that would read them back).
+            [0, G) (negative values never wrap around), marks a padding row: its output is 0 and
+            nothing of it is read (NaN in a padding row of a does not show). Checked mode
+            (DSV4K_CHECK=1) refuses values outside [0, G) other than -1.
         act_block_size: 32 or 128, the activation block along K.
         impl: run this implementation ("reference") or raise; None lets the dispatcher choose.
     Returns:
         c: [M, N] bf16: the reference computes the exact product sum, rounds it once to fp32 (an fp32
         accumulator without rounding error) and then to bf16; kernels accumulate in fp32 in their own
-        order (tolerance: calc_diff < 0.01, SPEC 5). A weight scale byte 255 makes its rows NaN.
+        order (tolerance: calc_diff < 0.01, SPEC 5). NaN in, NaN out: a weight scale byte 255 makes its
+        columns NaN in the rows of that group; a NaN FP8 byte or a NaN a_scale (quantize_fp8_blockwise's
+        mark of a non-finite block) makes its whole row NaN. Non-finite values are never an error,
+        in checked mode neither.
     Raises:
         ValueError naming the argument, the expected and the actual value for a wrong dtype (a must be
         e4m3fn: the reference and the SPEC define OCP FP8 activations), rank, shape relation (K / 2,
-        K / act_block_size, K / 32, [G, N], [M]), act_block_size not in {32, 128}, device or layout.
+        K / act_block_size, K / 32, [G, N], [M]), act_block_size not in {32, 128}, device or layout;
+        in checked mode also for an m_indices value outside [0, G) other than -1 (naming its position).
     """
     validate_gemm(a, a_scale, b, b_scale, m_indices, act_block_size)
+    _values.check(*gemm_rules(b, m_indices))
     return _mxfp4_grouped_gemm_op(a, a_scale, b, b_scale, m_indices, int(act_block_size), impl or "")
 
 
@@ -178,9 +203,12 @@ def fp4_grouped_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch
         x: [T, dim] bf16, contiguous; T may be 0; dim a positive multiple of act_block_size (V4-Flash
             4096, V4-Pro 7168).
         topk_ids: [T, k] int32, contiguous, k >= 1 (6 in V4). -1 (a dropped slot), or any id outside
-            [0, E), contributes nothing (not checked: ids stay on the device). A duplicate id in a row
-            counts once per occurrence.
-        topk_weights: [T, k] fp32, contiguous: the routing weights (score_topk / hash_topk output).
+            [0, E) (negative ids never wrap around), contributes nothing: neither its weight nor any
+            expert is read for it. Checked mode (DSV4K_CHECK=1) refuses ids outside [0, E) other than
+            -1. A duplicate id in a row counts once per occurrence.
+        topk_weights: [T, k] fp32, contiguous: the routing weights (score_topk / hash_topk output). A
+            NaN or infinite weight of a valid slot makes the token's whole output row NaN (NaN in, NaN
+            out; never an error, in checked mode neither); the weight of an invalid slot is not read.
         w13: [E, 2I, dim / 2] uint8 MXFP4, contiguous; rows [0, I) are the gate W1, rows [I, 2I) the up
             projection W3. E >= 1 (256 V4-Flash, 384 V4-Pro); I a positive multiple of act_block_size
             (2048 V4-Flash, 3072 V4-Pro).
@@ -192,14 +220,18 @@ def fp4_grouped_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch
             convention: 0 means "no clamp", not "clamp to 0").
         impl: run this implementation ("reference") or raise; None lets the dispatcher choose.
     Returns:
-        y: [T, dim] bf16. A token whose slots are all invalid gets 0; T = 0 gives a [0, dim] tensor. Only
-        the experts named in topk_ids are read, so other experts' weights may hold anything.
+        y: [T, dim] bf16. A token whose slots are all invalid gets 0 (even if its x holds NaN); T = 0
+        gives a [0, dim] tensor. A NaN or infinity in x[t] gives NaN in its activation block's scale,
+        hence an all-NaN y[t] when the token has a valid slot. Only the experts named by valid ids are
+        read, so other experts' weights may hold anything.
     Raises:
         ValueError naming the argument, the expected and the actual value for a wrong dtype, rank, shape
         relation ([T, k] ids and weights, [E, 2I, dim/2], [E, 2I, dim/32], [E, dim, I/2], [E, dim, I/32]),
-        act_block_size not in {32, 128}, a non-finite swiglu_limit, device or layout.
+        act_block_size not in {32, 128}, a non-finite swiglu_limit, device or layout; in checked mode also
+        for a topk_ids value outside [0, E) other than -1 (naming its position and value).
     """
     validate_moe(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, act_block_size, swiglu_limit)
+    _values.check(*moe_rules(topk_ids, w13))
     return _fp4_grouped_moe_op(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, int(act_block_size),
                                float(swiglu_limit), impl or "")
 
