@@ -53,7 +53,8 @@ def mxfp4_grouped_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, 
 
 def fp4_grouped_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                     w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor,
-                    act_block_size: int = 128, swiglu_limit: float = 10.0) -> torch.Tensor:
+                    act_block_size: int = 128, swiglu_limit: float = 10.0,
+                    expert_map: torch.Tensor | None = None) -> torch.Tensor:
     """Routed experts of one MoE layer (SPEC 5); the shared expert is not included.
 
     For each expert e and each (token t, slot j) with topk_ids[t, j] == e:
@@ -78,6 +79,10 @@ def fp4_grouped_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch
         w2_scale: [E, dim, I / 32] uint8 ue8m0.
         act_block_size: FP8 activation block (32 as in DeepGEMM, or 128); dim and I are multiples of it.
         swiglu_limit: clamp bound; a value <= 0 disables both clamps.
+        expert_map: optional [E_global] int32 (expert parallelism, SPEC 5): topk_ids are then global ids
+            in [0, E_global), mapped to the local expert expert_map[id]; a local id outside [0, E) (-1:
+            the expert lives on another rank) contributes nothing, as does a global id outside
+            [0, E_global) (never wrapped). None: the ids are local ids.
     Returns:
         y: [T, dim] bf16. A token whose ids are all invalid gets 0. A NaN or inf in x[t] makes y[t] all
             NaN if the token has a valid id (NaN in, NaN out).
@@ -88,6 +93,9 @@ def fp4_grouped_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch
     xq, sx = quantize_fp8_blockwise(x, act_block_size)
     x_f = dequantize_fp8_blockwise(xq, sx)
     ids = topk_ids.long()
+    if expert_map is not None:
+        known = (ids >= 0) & (ids < expert_map.shape[0])
+        ids = torch.where(known, expert_map.long()[torch.where(known, ids, 0)], -1)
     y = torch.zeros(t, dim, dtype=torch.float32, device=x.device)
     for e in ids.unique().tolist():
         if not 0 <= e < n_experts:
