@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from dataclasses import dataclass
 
 import torch
 
@@ -111,10 +112,38 @@ def validate_moe(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, act_bl
     _checks.same_device(**tensors)
 
 
+@dataclass(frozen=True)
+class GroupsContiguous(_values.Rule):
+    """A 1-d group id list whose rows of one group form one run: no group reappears after another
+    group's rows (rows of `padding` may sit anywhere, also inside a run). The offending element is the
+    first row of a group's second run. A local rule kind (ops/_values.py has none for runs)."""
+
+    padding: int = -1
+
+    def bad(self, x):
+        keep = (x != self.padding).nonzero().squeeze(1)          # checked mode only: it syncs anyway
+        v = x[keep]
+        start = torch.ones_like(v, dtype=torch.bool)
+        start[1:] = v[1:] != v[:-1]
+        run_values, run_pos = v[start], keep[start]
+        values, order = torch.sort(run_values, stable=True)
+        again = torch.zeros_like(run_values, dtype=torch.bool)
+        again[order[1:]] = values[1:] == values[:-1]
+        mask = torch.zeros_like(x, dtype=torch.bool)
+        mask[run_pos[again]] = True
+        return mask
+
+    @property
+    def expected(self) -> str:
+        return f"the rows of each group contiguous ({self.padding} padding rows may sit anywhere)"
+
+
 def gemm_rules(b: torch.Tensor, m_indices: torch.Tensor) -> tuple[_values.Rule, ...]:
-    """Checked-mode rules of mxfp4_grouped_gemm: m_indices in [0, G) or -1 (padding)."""
+    """Checked-mode rules of mxfp4_grouped_gemm: m_indices in [0, G) or -1 (padding), and the rows of one
+    group contiguous."""
     return (_values.InRange("m_indices", m_indices, 0, b.shape[0], what=f"groups of b, G = {b.shape[0]}",
-                            allow=(-1,)),)
+                            allow=(-1,)),
+            GroupsContiguous("m_indices", m_indices))
 
 
 def moe_rules(topk_ids: torch.Tensor, w13: torch.Tensor,
@@ -174,8 +203,10 @@ def mxfp4_grouped_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, 
         b: [G, N, K / 2] uint8, contiguous: MXFP4 weights of G experts (groups), N output rows each, two
             e2m1 codes per byte along K (low nibble = even k). G >= 1, N >= 1.
         b_scale: [G, N, K / 32] uint8 ue8m0 bytes, contiguous.
-        m_indices: [M] int32, contiguous: the group of each row. Rows of one group are meant to be
-            contiguous (kernels may rely on it; the reference does not). -1, or any value outside
+        m_indices: [M] int32, contiguous: the group of each row. Rows of one group must be contiguous
+            (-1 padding rows may sit anywhere): kernels may rely on it, checked mode refuses a group
+            that reappears after another group's rows; the reference does not need it (each row uses
+            its own group, whatever the order). -1, or any value outside
             [0, G) (negative values never wrap around), marks a padding row: its output is 0 and
             nothing of it is read (NaN in a padding row of a does not show). Checked mode
             (DSV4K_CHECK=1) refuses values outside [0, G) other than -1.
@@ -192,7 +223,8 @@ def mxfp4_grouped_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, 
         ValueError naming the argument, the expected and the actual value for a wrong dtype (a must be
         e4m3fn: the reference and the SPEC define OCP FP8 activations), rank, shape relation (K / 2,
         K / act_block_size, K / 32, [G, N], [M]), act_block_size not in {32, 128}, device or layout;
-        in checked mode also for an m_indices value outside [0, G) other than -1 (naming its position).
+        in checked mode also for an m_indices value outside [0, G) other than -1, or a group split by
+        another group's rows (naming the position).
     """
     validate_gemm(a, a_scale, b, b_scale, m_indices, act_block_size)
     _values.check(*gemm_rules(b, m_indices))
