@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from dsv4_kernels.ops import _values
-from dsv4_kernels.ops.formats import (dequantize_kv_cache_fp8, dequantize_mxfp4, kv_cache_slot_rules,
-                                      quantize_fp8_blockwise, quantize_kv_cache_fp8, quantize_mxfp4)
+from dsv4_kernels.ops.formats import (dequantize_kv_cache_fp8, dequantize_mxfp4, quantize_fp8_blockwise,
+                                      quantize_kv_cache_fp8, quantize_mxfp4)
 from dsv4_kernels.reference import formats as reference
 
 NAN, INF = float("nan"), float("inf")
@@ -129,26 +129,3 @@ def test_kv_gather_never_wraps_negative_or_past_the_end_slots():
     pages = reference.quantize_kv_cache_fp8(torch.randn(12, 512).to(torch.bfloat16) + 3, bs)  # no zero rows
     out = reference.gather_kv_cache_fp8(pages, torch.tensor([-1, -2, -12, -13, 12, 1 << 40, 11]), bs)
     assert (out[:6] == 0).all() and (out[6] != 0).any()
-
-
-# Checked-mode rules of a KV store (used by the ops that take cache slots): (slots, message parts).
-SLOT_CASES = [
-    ([0, 3, -2], ["cache_slots: expected values in [0, 12) (slots of the KV cache, 3 pages * block_size 4) or -1",
-                  "got -2 at position (2,)"]),
-    ([12, 0], ["cache_slots: expected values in [0, 12)", "got 12 at position (0,)"]),
-    ([[1, 2], [3, -7]], ["got -7 at position (1, 1)"]),
-    ([4, -1, 5, 4], ["cache_slots: expected distinct values (only -1 may repeat)", "got 4 at position (3,)"]),
-]
-
-
-@pytest.mark.parametrize("slots, message", SLOT_CASES, ids=[str(s) for s, _ in SLOT_CASES])
-def test_kv_cache_slot_rules_in_checked_mode(monkeypatch, slots, message):
-    pages = torch.zeros(3, 4 * 584, dtype=torch.uint8)
-    rules = kv_cache_slot_rules("cache_slots", torch.tensor(slots), pages, 4)
-    _values.check(*rules)                                                   # default path: no-op
-    monkeypatch.setenv(_values.ENV, "1")
-    with pytest.raises(ValueError) as err:
-        _values.check(*rules)
-    for part in message:
-        assert part in str(err.value)
-    _values.check(*kv_cache_slot_rules("cache_slots", torch.tensor([0, -1, 11, -1]), pages, 4))

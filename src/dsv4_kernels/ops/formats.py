@@ -4,9 +4,9 @@ implementation exists so far; kernels must reproduce its bytes exactly.
 
 Bad values (issue 11): the quantisers take any value. A block holding a NaN or an infinity is not an
 error, not even in checked mode (DSV4K_CHECK=1): NaN in, NaN out by design (SPEC "Number formats",
-"Non-finite input"). None of these ops takes an id or index tensor, so checked mode adds nothing to them;
-`kv_cache_slot_rules` gives the value rules of a KV-cache store (the compressor's fused store) to the ops
-that take cache slots."""
+"Non-finite input"). None of these ops takes an id or index tensor, so checked mode adds nothing to them
+(the KV-cache store with slots, reference.formats.store_kv_cache_fp8, is reached through the compressor
+ops, whose checked mode refuses bad cache slots)."""
 from __future__ import annotations
 
 import math
@@ -16,14 +16,13 @@ import torch
 from dsv4_kernels import dispatch
 from dsv4_kernels.dispatch import Implementation
 from dsv4_kernels.ladder import OpCheck, register_check
-from dsv4_kernels.ops import _checks, _values
+from dsv4_kernels.ops import _checks
 from dsv4_kernels.oracles import formats as oracle
 from dsv4_kernels.reference.formats import FP8_MAX, KV_NOPE_DIM, KV_ROPE_DIM, KV_TILE, KV_TOKEN_BYTES
 from dsv4_kernels.reference.formats import quantize_kv_cache_fp8 as reference_quantize_kv
 
 __all__ = ["quantize_fp8_blockwise", "quantize_mxfp4", "dequantize_mxfp4", "quantize_kv_cache_fp8",
-           "dequantize_kv_cache_fp8", "compare_exact", "kv_cache_slot_rules", "FP8_FORMATS", "MXFP4_BLOCK",
-           "KV_DIM"]
+           "dequantize_kv_cache_fp8", "compare_exact", "FP8_FORMATS", "MXFP4_BLOCK", "KV_DIM"]
 
 OP_FP8 = "quantize_fp8_blockwise"
 OP_MXFP4 = "quantize_mxfp4"
@@ -85,27 +84,6 @@ def validate_dequant_kv(pages, num_tokens, block_size) -> None:
     if num_tokens > slots:
         raise ValueError(f"num_tokens: expected 0 <= num_tokens <= {slots} (pages.shape[0] * block_size = "
                          f"{pages.shape[0]} * {block_size}), got {num_tokens}")
-
-
-def kv_cache_slot_rules(name: str, slots: torch.Tensor, pages: torch.Tensor,
-                        block_size: int) -> tuple[_values.Rule, ...]:
-    """Checked-mode rules of a store into the paged FP8 KV cache (reference.formats.store_kv_cache_fp8).
-
-    Args:
-        name: the argument's name in the caller's API (e.g. "cache_slots").
-        slots: the flat slot ids, any shape, integer.
-        pages: [P, block_size * 584] uint8, the cache written to.
-        block_size: tokens per page.
-    Returns:
-        (InRange over [0, P * block_size) with -1 allowed, Distinct with -1 allowed to repeat), for
-        `_values.check(*rules)`. In checked mode only -1 may mark a row that is not stored; the default
-        path skips every slot outside [0, P * block_size) (writes nothing for it, never wraps), and which
-        of two rows with the same slot lands there is unspecified, which checked mode refuses.
-    """
-    capacity = pages.shape[0] * block_size
-    return (_values.InRange(name, slots, 0, capacity, what=f"slots of the KV cache, {pages.shape[0]} pages * "
-                                                            f"block_size {block_size}", allow=(-1,)),
-            _values.Distinct(name, slots, ignore=(-1,)))
 
 
 for _op in (OP_FP8, OP_MXFP4, OP_DEQUANT_MXFP4, OP_KV, OP_DEQUANT_KV):
