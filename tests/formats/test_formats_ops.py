@@ -389,3 +389,16 @@ def test_ladder_cases_plant_ties():
             mids = set(((table[:-1] + table[1:]) / 2).tolist())
             first_block = x.reshape(-1, x.shape[-1])[0, :32].double().abs().tolist()
             assert sum(v in mids for v in first_block) >= 7, label
+
+
+def test_ladder_cases_hold_nonfinite_blocks():
+    """Each quantiser's ladder cases hold a block with a NaN, a +inf and a -inf (NaN in, NaN out is
+    checked on every implementation against the oracle), and the KV cases also a non-finite rope."""
+    torch.manual_seed(0)
+    for op in (ops.OP_FP8, ops.OP_MXFP4, ops.OP_KV):
+        xs = [args[0] for _, args, _ in ladder.get_check(op).cases(torch.device("cpu"))]
+        assert any(x.isnan().any() and x.isposinf().any() and x.isneginf().any() for x in xs), op
+    kv = [args[0] for _, args, _ in ladder.get_check(ops.OP_KV).cases(torch.device("cpu"))]
+    assert any(not x[:, 448:].isfinite().all() for x in kv)
+    pages = [args[0] for _, args, _ in ladder.get_check(ops.OP_DEQUANT_KV).cases(torch.device("cpu"))]
+    assert any((p.view(p.shape[0], -1) == 255).any() for p in pages)
