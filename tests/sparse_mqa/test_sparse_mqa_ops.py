@@ -375,6 +375,26 @@ def test_checked_mode_ignores_entries_past_topk_length(monkeypatch):
         ops.sparse_mqa(**{**args, "topk_length": torch.tensor([10, 5, 0], dtype=torch.int32)})
 
 
+@pytest.mark.op("sparse_mqa_fp8")
+def test_fp8_reads_nothing_outside_the_cache_view(impl, device):
+    """The cache is a view into a larger buffer whose pages around it dequantise to NaN: indices just
+    past the view, far past it, or negative must read none of it (out stays finite and equals the call
+    with -1 there)."""
+    q, kv, _, sink, _, _ = random_inputs(3, 8, 40, 6)
+    view_pages = quantize_kv_cache_fp8(kv, 16)                           # 3 pages, 48 slots
+    poison = quantize_kv_cache_fp8(torch.full((16, D), float("nan"), dtype=torch.bfloat16), 16)
+    buffer = torch.cat((poison, view_pages, poison, poison)).to(device)
+    cache = buffer[1:4]
+    indices = torch.tensor([[48, 5, -1, 63, 64, 7], [-16, 2, -48, -49, 1 << 30, 47], [0, 1, 2, 3, 4, 95]],
+                           dtype=torch.int32)
+    masked = torch.where((indices >= 0) & (indices < 48), indices, torch.full_like(indices, -1))
+    out, lse = ops.sparse_mqa_fp8(q.to(device), cache, indices.to(device), sink.to(device), block_size=16, impl=impl)
+    want_out, want_lse = ops.sparse_mqa_fp8(q.to(device), cache, masked.to(device), sink.to(device), block_size=16,
+                                            impl=impl)
+    assert out.isfinite().all() and lse.isfinite().all()
+    assert torch.equal(out.cpu(), want_out.cpu()) and torch.equal(lse.cpu(), want_lse.cpu())
+
+
 def test_validation_reads_no_tensor_values():
     """Every check is metadata only: validating meta tensors (which hold no values) passes."""
     args = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in base_args(T=2, H=128, K=1152).items()}
