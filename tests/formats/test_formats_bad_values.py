@@ -105,6 +105,18 @@ def test_kv_cache_nonfinite_tile_is_nan_and_rope_carries_it(impl, device, mode):
     assert (page[576 + 64:576 + 128] == 0x7F).all() and page[4 * 576 + 8 + 1] == 255
 
 
+@pytest.mark.op("dequantize_kv_cache_fp8")
+def test_dequantize_kv_cache_scale_byte_255_is_nan_for_its_tile(impl, device):
+    clean = reference.quantize_kv_cache_fp8(torch.randn(6, 512).to(torch.bfloat16), 4)
+    pages = clean.clone()
+    pages[0, 4 * 576 + 2 * 8 + 3] = 255                             # token 2 (page 0, row 2), tile 3
+    back = dequantize_kv_cache_fp8(pages.to(device), 6, 4, impl=impl).cpu()
+    want = dequantize_kv_cache_fp8(clean.to(device), 6, 4, impl=impl).cpu()
+    tile = torch.zeros(6, 512, dtype=torch.bool)
+    tile[2, 192:256] = True
+    assert back[tile].isnan().all() and torch.equal(back[~tile], want[~tile])
+
+
 def test_kv_store_writes_only_in_range_slots_of_the_view():
     """Slots outside [0, P * bs) -- -1, other negatives that Python indexing would wrap, one past the end,
     far past it -- write nothing: every byte of a larger canary buffer around the cache view is unchanged
