@@ -5,13 +5,18 @@ Scale rule for activations and weights: scale = 2^ceil(log2(max(amax, 1e-4) / fm
 cache uses FlashMLA's rule instead: scale = 2^ceil(log2(max(amax / 448, 1e-4))). Stored values are
 x / scale rounded to nearest, ties to even, saturating at +-fmt_max. Every ceil(log2(.)) is taken
 exactly from the fp32 exponent (torch.frexp), never from an approximate log2.
+
+Non-finite input (SPEC "Number formats"): a block (KV tile) holding a NaN or an infinity gets a NaN
+scale (fp32 NaN, or ue8m0 byte 0xFF) and every element of it gets a fixed code that never stands for a
+value of x: the format's NaN byte for FP8 (0x7F in e4m3fn, 0x80 in e4m3fnuz), code 0 for FP4 (which has
+no NaN). So the whole block dequantises to NaN and the other blocks are untouched.
 """
 from __future__ import annotations
 
 import torch
 
 __all__ = [
-    "FP4_VALUES", "FP8_MAX", "KV_NOPE_DIM", "KV_ROPE_DIM", "KV_TILE", "KV_TOKEN_BYTES",
+    "FP4_VALUES", "FP8_MAX", "FP8_NAN_BYTE", "KV_NOPE_DIM", "KV_ROPE_DIM", "KV_TILE", "KV_TOKEN_BYTES",
     "ue8m0_to_float", "float_to_ue8m0", "ceil_pow2",
     "quantize_fp8_blockwise", "dequantize_fp8_blockwise",
     "pack_fp4", "unpack_fp4", "quantize_mxfp4", "dequantize_mxfp4",
@@ -35,6 +40,7 @@ KV_TOKEN_BYTES = 584
 _KV_DATA_BYTES = KV_NOPE_DIM + 2 * KV_ROPE_DIM  # 576: [448 fp8 | 64 bf16]
 _KV_SCALE_BYTES = KV_TOKEN_BYTES - _KV_DATA_BYTES  # 8: 7 ue8m0 + 1 pad
 _KV_TILES = KV_NOPE_DIM // KV_TILE  # 7
+FP8_NAN_BYTE = {"e4m3fn": 0x7F, "e4m3fnuz": 0x80}  # the byte a non-finite block's elements get
 
 
 def ue8m0_to_float(b: torch.Tensor) -> torch.Tensor:
@@ -44,7 +50,7 @@ def ue8m0_to_float(b: torch.Tensor) -> torch.Tensor:
         b: uint8 tensor of any shape.
     Returns:
         fp32 tensor of the same shape. Byte 0 gives 2^-127 (an fp32 subnormal, exact); byte 255 gives
-        NaN, as in OCP E8M0 (it is never produced by the quantisers here).
+        NaN, as in OCP E8M0 (the quantisers write it for a block holding a NaN or an infinity).
     """
     e = b.to(torch.int32)
     normal = (e << 23).view(torch.float32)  # biased exponent e, zero mantissa: exactly 2^(e-127)
@@ -79,17 +85,32 @@ def ceil_pow2(r: torch.Tensor) -> torch.Tensor:
     return torch.ldexp(torch.ones_like(r), exponent)
 
 
+def _nan_where_nonfinite(scale: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+    """NaN where the block's amax is not finite (amax propagates NaN, and inf stays inf)."""
+    return torch.where(torch.isfinite(amax), scale, torch.full_like(scale, float("nan")))
+
+
 def _block_scale(amax: torch.Tensor, fmt_max: float) -> torch.Tensor:
-    """SPEC rule for activations and weights: 2^ceil(log2(max(amax, 1e-4) / fmt_max))."""
-    return ceil_pow2(amax.clamp_min(1e-4) / fmt_max)
+    """SPEC rule for activations and weights: 2^ceil(log2(max(amax, 1e-4) / fmt_max)); NaN for a block
+    whose amax is NaN or inf."""
+    return _nan_where_nonfinite(ceil_pow2(amax.clamp_min(1e-4) / fmt_max), amax)
+
+
+def _fp8_codes(v: torch.Tensor, fmt: str, block_ok: torch.Tensor) -> torch.Tensor:
+    """v (x / scale, fp32 [..., blocks, block]) -> FP8 of fmt, saturating; the elements of blocks that
+    are not ok get the format's NaN byte."""
+    fmt_max = FP8_MAX[fmt]
+    q = v.clamp(-fmt_max, fmt_max).to(_FP8_DTYPE[fmt]).view(torch.uint8)
+    nan = torch.full_like(q, FP8_NAN_BYTE[fmt])
+    return torch.where(block_ok.unsqueeze(-1), q, nan).view(_FP8_DTYPE[fmt])
 
 
 def quantize_fp8_blockwise(x: torch.Tensor, block_size: int = 128, fmt: str = "e4m3fn"):
     """FP8 block quantisation along the last dimension with power-of-two scales.
 
     Args:
-        x: [..., K] float tensor (bf16, fp16 or fp32), finite; K a multiple of block_size. Leading dims
-            may be empty (T = 0).
+        x: [..., K] float tensor (bf16, fp16 or fp32); K a multiple of block_size. Leading dims may be
+            empty (T = 0). A block holding a NaN or +-inf gets scale NaN and NaN bytes (see below).
         block_size: elements per scale (32 or 128 in this project).
         fmt: "e4m3fn" (OCP, max 448) or "e4m3fnuz" (gfx942, max 240).
     Returns:
@@ -98,12 +119,14 @@ def quantize_fp8_blockwise(x: torch.Tensor, block_size: int = 128, fmt: str = "e
             A -0 input stays -0 in e4m3fn; e4m3fnuz has no -0 and stores +0.
         scale: [..., K / block_size] fp32, 2^ceil(log2(max(amax, 1e-4) / fmt_max)) per block (an all-zero
             block gets the scale of amax = 1e-4).
+    A block holding a NaN or an infinity gets scale NaN and every q of it the format's NaN byte
+    (FP8_NAN_BYTE: 0x7F in e4m3fn, 0x80 in e4m3fnuz), so the block dequantises to NaN.
     """
-    fmt_max = FP8_MAX[fmt]
     k = x.shape[-1]
     xb = x.float().reshape(*x.shape[:-1], k // block_size, block_size)
-    scale = _block_scale(xb.abs().amax(dim=-1), fmt_max)
-    q = (xb / scale.unsqueeze(-1)).clamp(-fmt_max, fmt_max).to(_FP8_DTYPE[fmt])
+    amax = xb.abs().amax(dim=-1)
+    scale = _block_scale(amax, FP8_MAX[fmt])
+    q = _fp8_codes(xb / scale.unsqueeze(-1), fmt, torch.isfinite(amax))
     return q.reshape(x.shape), scale
 
 
@@ -155,7 +178,7 @@ def quantize_mxfp4(x: torch.Tensor, block_size: int = 32):
     """MXFP4 (e2m1 values, ue8m0 scale per block) quantisation along the last dimension.
 
     Args:
-        x: [..., K] float tensor (bf16, fp16 or fp32), finite; K a multiple of block_size (and even).
+        x: [..., K] float tensor (bf16, fp16 or fp32); K a multiple of block_size (and even).
         block_size: elements per scale, 32 for MXFP4.
     Returns:
         packed: [..., K / 2] uint8, two codes per byte (pack_fp4 order).
@@ -164,11 +187,15 @@ def quantize_mxfp4(x: torch.Tensor, block_size: int = 32):
     the even mantissa bit (0.25 -> 0, 0.75 -> 1, 1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4),
     saturating at 6. The sign bit is the IEEE sign of x, as the hardware cvt does: -0 and negative values
     that round to zero give code 8 (-0); +0 gives code 0. Both zeros dequantise to a zero.
+    A block holding a NaN or an infinity gets scale byte 255 (NaN) and code 0 for all its elements, so it
+    dequantises to NaN.
     """
     k = x.shape[-1]
     xb = x.float().reshape(*x.shape[:-1], k // block_size, block_size)
-    scale = _block_scale(xb.abs().amax(dim=-1), _FP4_MAX)
-    codes = _fp4_encode(xb / scale.unsqueeze(-1)).reshape(x.shape)
+    amax = xb.abs().amax(dim=-1)
+    scale = _block_scale(amax, _FP4_MAX)
+    codes = _fp4_encode(xb / scale.unsqueeze(-1))
+    codes = torch.where(torch.isfinite(amax).unsqueeze(-1), codes, torch.zeros_like(codes)).reshape(x.shape)
     return pack_fp4(codes), float_to_ue8m0(scale)
 
 
@@ -200,22 +227,26 @@ def store_kv_cache_fp8(pages: torch.Tensor, slots: torch.Tensor, kv: torch.Tenso
 
     Args:
         pages: [num_pages, block_size * 584] uint8, contiguous; modified in place.
-        slots: [n] int64 flat slot ids: page = slot // block_size, row = slot % block_size. A negative slot
-            (padding token, the engines' -1) is skipped. Non-negative slots must be < num_pages *
-            block_size and distinct (with duplicates, which row lands is unspecified).
-        kv: [n, 512] bf16, finite, |kv| < 2^126: first 448 dims (nope) become e4m3fn, last 64 (rope)
-            are stored as raw bf16.
+        slots: [n] integer flat slot ids: page = slot // block_size, row = slot % block_size. A slot
+            outside [0, num_pages * block_size) -- the engines' -1 padding, any other negative value, or
+            one past the cache -- is skipped: nothing is written for that row, and a slot never wraps
+            around (no Python negative indexing, no modulo). In-range slots must be distinct (with
+            duplicates, which row lands is unspecified).
+        kv: [n, 512] bf16: first 448 dims (nope) become e4m3fn, last 64 (rope) are stored as raw bf16
+            (NaN and +-inf included, bit for bit).
         block_size: tokens per page.
     Per token: 448 e4m3fn bytes, 128 bytes of bf16 rope (little-endian), then in the page's scale area
     7 ue8m0 bytes (FlashMLA's rule 2^ceil(log2(max(amax / 448, 1e-4))) per 64 nope values) and a zero
-    pad byte. n = 0 writes nothing.
+    pad byte. A nope tile holding a NaN or an infinity gets scale byte 255 and e4m3fn NaN bytes (0x7F), so
+    it dequantises to NaN. n = 0 writes nothing. Only the bytes of the stored slots change.
     """
     keep = (slots >= 0) & (slots < pages.shape[0] * block_size)
     slots, kv = slots[keep], kv[keep]
     n = kv.shape[0]
     nope = kv[:, :KV_NOPE_DIM].float().reshape(n, _KV_TILES, KV_TILE)
-    scale = ceil_pow2((nope.abs().amax(dim=-1) / FP8_MAX["e4m3fn"]).clamp_min(1e-4))  # [n, 7]
-    q = (nope / scale.unsqueeze(-1)).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).reshape(n, KV_NOPE_DIM)
+    amax = nope.abs().amax(dim=-1)
+    scale = _nan_where_nonfinite(ceil_pow2((amax / FP8_MAX["e4m3fn"]).clamp_min(1e-4)), amax)  # [n, 7]
+    q = _fp8_codes(nope / scale.unsqueeze(-1), "e4m3fn", torch.isfinite(amax)).reshape(n, KV_NOPE_DIM)
     rope = kv[:, KV_NOPE_DIM:].to(torch.bfloat16).contiguous().view(torch.uint8)  # [n, 128]
     scale_bytes = torch.cat((float_to_ue8m0(scale), torch.zeros(n, 1, dtype=torch.uint8, device=kv.device)), dim=1)
 
@@ -229,7 +260,7 @@ def quantize_kv_cache_fp8(kv: torch.Tensor, block_size: int = 64) -> torch.Tenso
     """Build a whole FP8 KV cache from N rows (token i at slot i).
 
     Args:
-        kv: [N, 512] bf16 (same value preconditions as store_kv_cache_fp8); N may be 0.
+        kv: [N, 512] bf16 (non-finite values as in store_kv_cache_fp8); N may be 0.
         block_size: tokens per page.
     Returns:
         [ceil(N / block_size), block_size * 584] uint8; rows past N in the last page are zero bytes
@@ -248,7 +279,8 @@ def gather_kv_cache_fp8(pages: torch.Tensor, idx: torch.Tensor, block_size: int 
     Args:
         pages: [num_pages, block_size * 584] uint8 in the SPEC 1.2 layout.
         idx: int tensor of any shape; slot n is page n // block_size, row n % block_size. Entries < 0 or
-            >= num_pages * block_size give zero rows (callers mask invalid indices themselves).
+            >= num_pages * block_size give zero rows and read nothing (never wrapped around); callers mask
+            invalid indices themselves.
         block_size: tokens per page.
     Returns:
         [*idx.shape, 512] bf16: nope = fp8 * 2^(scale byte - 127) (exact in bf16), rope = stored bf16.

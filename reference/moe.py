@@ -34,8 +34,8 @@ def mxfp4_grouped_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, 
         b: [G, N, K / 2] uint8 packed FP4 weights (low nibble = even k).
         b_scale: [G, N, K / 32] uint8 ue8m0 scales.
         m_indices: [M] int32 expert of each row. The SPEC contract is that rows of one expert are
-            contiguous; the reference does not need it. -1 (or any id outside [0, G)) marks a padding row,
-            whose output is 0.
+            contiguous; the reference does not need it. -1 (or any id outside [0, G), never wrapped) marks
+            a padding row, whose output is 0 whatever a holds there.
         act_block_size: activation block size along K (32 or 128); the reference reads it from the
             shapes, the argument is kept for the op's signature.
     Returns:
@@ -53,7 +53,8 @@ def mxfp4_grouped_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, 
 
 def fp4_grouped_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                     w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor,
-                    act_block_size: int = 128, swiglu_limit: float = 10.0) -> torch.Tensor:
+                    act_block_size: int = 128, swiglu_limit: float = 10.0,
+                    expert_map: torch.Tensor | None = None) -> torch.Tensor:
     """Routed experts of one MoE layer (SPEC 5); the shared expert is not included.
 
     For each expert e and each (token t, slot j) with topk_ids[t, j] == e:
@@ -67,17 +68,24 @@ def fp4_grouped_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch
 
     Args:
         x: [T, dim] bf16; T may be 0.
-        topk_ids: [T, k] int32. An id of -1 (dropped slot), or any id outside [0, E), contributes nothing.
-            A duplicate id in one row counts once per occurrence.
-        topk_weights: [T, k] fp32 routing weights (applied before the down projection).
+        topk_ids: [T, k] int32. An id of -1 (dropped slot), or any id outside [0, E) (never wrapped),
+            contributes nothing; its weight is not read. A duplicate id in one row counts once per
+            occurrence.
+        topk_weights: [T, k] fp32 routing weights (applied before the down projection). A NaN or inf
+            weight of a valid slot makes y[t] all NaN (its h block quantises to a NaN scale).
         w13: [E, 2I, dim / 2] uint8 MXFP4; rows [0, I) are the gate W1, rows [I, 2I) the up W3.
         w13_scale: [E, 2I, dim / 32] uint8 ue8m0.
         w2: [E, dim, I / 2] uint8 MXFP4 down projection.
         w2_scale: [E, dim, I / 32] uint8 ue8m0.
         act_block_size: FP8 activation block (32 as in DeepGEMM, or 128); dim and I are multiples of it.
         swiglu_limit: clamp bound; a value <= 0 disables both clamps.
+        expert_map: optional [E_global] int32 (expert parallelism, SPEC 5): topk_ids are then global ids
+            in [0, E_global), mapped to the local expert expert_map[id]; a local id outside [0, E) (-1:
+            the expert lives on another rank) contributes nothing, as does a global id outside
+            [0, E_global) (never wrapped). None: the ids are local ids.
     Returns:
-        y: [T, dim] bf16. A token whose ids are all invalid gets 0.
+        y: [T, dim] bf16. A token whose ids are all invalid gets 0. A NaN or inf in x[t] makes y[t] all
+            NaN if the token has a valid id (NaN in, NaN out).
     Only the experts that appear in topk_ids are read, so untouched experts' weights may hold anything.
     """
     t, dim = x.shape
@@ -85,6 +93,9 @@ def fp4_grouped_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch
     xq, sx = quantize_fp8_blockwise(x, act_block_size)
     x_f = dequantize_fp8_blockwise(xq, sx)
     ids = topk_ids.long()
+    if expert_map is not None:
+        known = (ids >= 0) & (ids < expert_map.shape[0])
+        ids = torch.where(known, expert_map.long()[torch.where(known, ids, 0)], -1)
     y = torch.zeros(t, dim, dtype=torch.float32, device=x.device)
     for e in ids.unique().tolist():
         if not 0 <= e < n_experts:

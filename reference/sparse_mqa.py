@@ -52,12 +52,13 @@ def sparse_mqa(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, attn_si
         q: [T, H, D] bf16 queries (RoPE and per-head norm already applied). D = 512 in V4; any D works.
         kv: [N, D] bf16 pool of KV rows; each row is both key and value.
         indices: [T, K] int32 rows of kv per query. An entry < 0 or >= N is invalid and contributes
-            nothing. Duplicates are kept: each occurrence adds its term again. K may be 0.
+            nothing; it is never wrapped around (-2 or -N reads no row). Duplicates are kept: each
+            occurrence adds its term again. K may be 0.
         attn_sink: [H] fp32 per-head logit added to the softmax denominator only, as exp(attn_sink[h]),
             not multiplied by the scale. -inf means no sink (plain softmax). Must not be +inf or NaN.
         softmax_scale: multiplier of q.kv; None means D ** -0.5.
-        topk_length: optional [T] int32; row t uses only its first topk_length[t] entries (values <= 0
-            use none, values >= K use all K).
+        topk_length: optional [T] int32; row t uses only its first topk_length[t] entries, the value
+            clamped to [0, K] (values <= 0 use none, values >= K use all K).
     Returns:
         out: [T, H, D] bf16. A row with no valid entry (all invalid, K = 0, N = 0 or topk_length 0)
             gives out = 0 for every head, whatever the sink.

@@ -350,12 +350,12 @@ def test_torch_compile_traces_without_graph_breaks():
 
 @pytest.mark.op("quantize_fp8_blockwise")
 def test_quantize_fp8_blockwise_ladder_cases(impl, device):
-    assert "5 cases match" in ladder.run_cases(ops.OP_FP8, impl, device)
+    assert "7 cases match" in ladder.run_cases(ops.OP_FP8, impl, device)
 
 
 @pytest.mark.op("quantize_mxfp4")
 def test_quantize_mxfp4_ladder_cases(impl, device):
-    assert "4 cases match" in ladder.run_cases(ops.OP_MXFP4, impl, device)
+    assert "5 cases match" in ladder.run_cases(ops.OP_MXFP4, impl, device)
 
 
 @pytest.mark.op("dequantize_mxfp4")
@@ -365,12 +365,12 @@ def test_dequantize_mxfp4_ladder_cases(impl, device):
 
 @pytest.mark.op("quantize_kv_cache_fp8")
 def test_quantize_kv_cache_ladder_cases(impl, device):
-    assert "4 cases match" in ladder.run_cases(ops.OP_KV, impl, device)
+    assert "5 cases match" in ladder.run_cases(ops.OP_KV, impl, device)
 
 
 @pytest.mark.op("dequantize_kv_cache_fp8")
 def test_dequantize_kv_cache_ladder_cases(impl, device):
-    assert "5 cases match" in ladder.run_cases(ops.OP_DEQUANT_KV, impl, device)
+    assert "6 cases match" in ladder.run_cases(ops.OP_DEQUANT_KV, impl, device)
 
 
 def test_ladder_cases_plant_ties():
@@ -389,3 +389,17 @@ def test_ladder_cases_plant_ties():
             mids = set(((table[:-1] + table[1:]) / 2).tolist())
             first_block = x.reshape(-1, x.shape[-1])[0, :32].double().abs().tolist()
             assert sum(v in mids for v in first_block) >= 7, label
+
+
+def test_ladder_cases_hold_nonfinite_blocks():
+    """Each quantiser's ladder cases hold a block with a NaN, a +inf and a -inf (NaN in, NaN out is
+    checked on every implementation against the oracle), and the KV cases also a non-finite rope."""
+    torch.manual_seed(0)
+    for op in (ops.OP_FP8, ops.OP_MXFP4, ops.OP_KV):
+        xs = [args[0] for _, args, _ in ladder.get_check(op).cases(torch.device("cpu"))]
+        assert any(x.isnan().any() and x.isposinf().any() and x.isneginf().any() for x in xs), op
+    kv = [args[0] for _, args, _ in ladder.get_check(ops.OP_KV).cases(torch.device("cpu"))]
+    assert any(not x[:, 448:].isfinite().all() for x in kv)
+    built = dict((label, args) for label, args, _ in ladder.get_check(ops.OP_DEQUANT_KV).cases(torch.device("cpu")))
+    pages, n, bs = built["nonfinite-N5-bs4"]
+    assert reference.dequantize_kv_cache_fp8(pages, n, bs).isnan().any()    # built from non-finite rows

@@ -252,13 +252,20 @@ BAD = [
                                             "got str '10'"),
     ("moe", "swiglu_limit", lambda a: True, "swiglu_limit: expected a finite float (<= 0 disables the clamp), "
                                             "got bool True"),
+    ("moe", "expert_map", lambda a: torch.zeros(5, dtype=torch.int64), "expert_map: expected dtype torch.int32, "
+                                                                       "got torch.int64"),
+    ("moe", "expert_map", lambda a: torch.zeros(1, 5, dtype=torch.int32), "expert_map: expected 1 dimensions, got 2"),
+    ("moe", "expert_map", lambda a: torch.zeros(0, dtype=torch.int32), "expert_map: expected shape (E_global,) with "
+                                                                       "E_global >= 1, got (0,)"),
+    ("moe", "expert_map", lambda a: torch.zeros(5, dtype=torch.int32).to("meta"),
+     "expert_map: expected device cpu (the device of x), got meta"),
 ]
 
 
 @pytest.mark.parametrize("op, name, bad, message", BAD, ids=[f"{o}-{n}-{i}" for i, (o, n, _, _) in enumerate(BAD)])
 def test_bad_argument_is_refused_before_launch(op, name, bad, message):
     args = _gemm_args() if op == "gemm" else _moe_args()
-    args[name] = bad(args[name])
+    args[name] = bad(args.get(name))
     fn = mxfp4_grouped_gemm if op == "gemm" else fp4_grouped_moe
     with dispatch.recording() as calls, pytest.raises(ValueError) as err:
         fn(**args)
@@ -274,6 +281,122 @@ def test_valid_arguments_of_the_refusal_table_run():
     assert calls == {("mxfp4_grouped_gemm", "reference"): 1, ("fp4_grouped_moe", "reference"): 2}
 
 
+# Data-dependent bad calls (issue 11): refused only in checked mode (DSV4K_CHECK=1), naming the argument,
+# the expected range, the first bad position and its value; masked on the default path, where they give
+# what the same call with -1 in their place gives. (op, argument, bad value, its position, message parts)
+CHECKED = [
+    ("gemm", "m_indices", [0, 2, -1], "m_indices: expected values in [0, 2) (groups of b, G = 2) or -1, got 2 "
+                                      "at position (1,) (DSV4K_CHECK=1 checked mode)"),
+    ("gemm", "m_indices", [0, -2, -1], "m_indices: expected values in [0, 2) (groups of b, G = 2) or -1, got -2 "
+                                       "at position (1,)"),
+    ("gemm", "m_indices", [-1, -1, -3], "got -3 at position (2,)"),
+    ("gemm", "m_indices", [1, 1, 2 ** 31 - 1], f"got {2 ** 31 - 1} at position (2,)"),
+    ("gemm", "m_indices", [0, 1, 0], "m_indices: expected the rows of each group contiguous (-1 padding rows may "
+                                     "sit anywhere), got 0 at position (2,)"),
+    ("moe", "topk_ids", [[0, 3, -1, 1, 2, -1]] * 2 + [[0, 3, -1, 1, 4, -1]],
+     "topk_ids: expected values in [0, 4) (experts of w13, E = 4) or -1, got 4 at position (2, 4) "
+     "(DSV4K_CHECK=1 checked mode)"),
+    ("moe", "topk_ids", [[0, 3, -2, 1, 2, -1]] * 3, "got -2 at position (0, 2)"),
+    ("moe", "topk_ids", [[0, 3, -1, 1, 2, -1], [-4, -5, 0, 0, 0, 0], [0] * 6], "got -4 at position (1, 0)"),
+    ("moe", "topk_ids", [[0, 3, -1, 1, 2, -(2 ** 31)]] * 3, f"got {-(2 ** 31)} at position (0, 5)"),
+    # With expert_map [E_global = 6] -> local [0, 4): ids range over E_global, map entries over E.
+    ("ep", "topk_ids", [[0, 5, -1, 1, 2, -1], [6, 0, 0, 0, 0, 0], [0] * 6],
+     "topk_ids: expected values in [0, 6) (global experts of expert_map, E_global = 6) or -1, got 6 at "
+     "position (1, 0)"),
+    ("ep", "expert_map", [3, -1, 0, 4, 2, 1],
+     "expert_map: expected values in [0, 4) (local experts of w13, E = 4) or -1, got 4 at position (3,)"),
+    ("ep", "expert_map", [3, -1, 0, -3, 2, 1], "expert_map: expected values in [0, 4)", ),
+]
+_EP_MAP = [3, -1, 0, 1, 2, -1]
+_EP_IDS = [[0, 5, -1, 1, 2, 4], [3, 0, 1, 2, 4, 5], [2] * 6]
+
+
+def _masked(values, low, high):
+    t = torch.tensor(values, dtype=torch.int32)
+    return t, torch.where((t >= low) & (t < high), t, torch.full_like(t, -1))
+
+
+@pytest.mark.parametrize("op, name, values, message", CHECKED, ids=[f"{o}-{i}" for i, (o, *_) in enumerate(CHECKED)])
+def test_bad_ids_are_refused_in_checked_mode_and_masked_otherwise(monkeypatch, op, name, values, message):
+    args = _gemm_args() if op == "gemm" else _moe_args()
+    fn = mxfp4_grouped_gemm if op == "gemm" else fp4_grouped_moe
+    if op == "ep":
+        args["topk_ids"] = torch.tensor(_EP_IDS, dtype=torch.int32)
+        args["expert_map"] = torch.tensor(_EP_MAP, dtype=torch.int32)
+    if op != "gemm":   # nonzero weights, so that a wrongly used slot would show
+        args["w13"], args["w13_scale"] = ops.random_weights(4, 256, 256, "cpu")
+        args["w2"], args["w2_scale"] = ops.random_weights(4, 256, 128, "cpu")
+    else:
+        args["b"], args["b_scale"] = ops.random_weights(2, 64, 256, "cpu")
+    bad, masked = _masked(values, 0, {"gemm": 2, "moe": 4, "ep": 4 if name == "expert_map" else 6}[op])
+    monkeypatch.delenv("DSV4K_CHECK", raising=False)
+    out = fn(**{**args, name: bad})
+    assert torch.equal(out, fn(**{**args, name: masked}))
+    monkeypatch.setenv("DSV4K_CHECK", "1")
+    with dispatch.recording() as calls, pytest.raises(ValueError) as err:
+        fn(**{**args, name: bad})
+    assert message in str(err.value)
+    assert not calls
+    if not torch.equal(bad, masked):                               # ids in range (-1 included) pass checked mode
+        assert torch.equal(fn(**{**args, name: masked}), out)
+
+
+@pytest.mark.op("fp4_grouped_moe")
+def test_moe_expert_map_equals_local_ids(impl, device):
+    """Expert parallelism: global ids through expert_map give what the mapped local ids give; remote
+    experts (-1) and global ids outside [0, E_global) contribute nothing."""
+    w13, w13_s = ops.random_weights(4, 256, 256, "cpu")
+    w2, w2_s = ops.random_weights(4, 256, 128, "cpu")
+    x = torch.randn(4, 256).to(torch.bfloat16)
+    ids = torch.tensor(_EP_IDS + [[6, -2, 5, 3, -1, 9]], dtype=torch.int32)
+    weights = torch.rand(4, 6) + 0.1
+    emap = torch.tensor(_EP_MAP, dtype=torch.int32)
+    local = torch.tensor([[_EP_MAP[i] if 0 <= i < 6 else -1 for i in row] for row in ids.tolist()], dtype=torch.int32)
+    y = fp4_grouped_moe(*_to(device, x, ids, weights, w13, w13_s, w2, w2_s), expert_map=emap.to(device), impl=impl)
+    want = fp4_grouped_moe(x, local, weights, w13, w13_s, w2, w2_s, impl="reference")
+    _check(ops.compare_moe, y, want, impl)
+    assert not torch.equal(want[3], torch.zeros_like(want[3]))          # global id 3 -> local 1 is used
+    assert not torch.equal(want, fp4_grouped_moe(x, ids.clamp(-1, 3), weights, w13, w13_s, w2, w2_s))
+
+
+@pytest.mark.op("fp4_grouped_moe")
+@pytest.mark.parametrize("checked", [False, True], ids=["default", "checked"])
+def test_moe_nan_in_nan_out(impl, device, monkeypatch, checked):
+    """A NaN weight of a valid slot or an inf in x makes that token's row all NaN, in checked mode too;
+    the weight of an invalid slot (-1) is not read; other tokens are unchanged."""
+    if checked:
+        monkeypatch.setenv("DSV4K_CHECK", "1")
+    w13, w13_s = ops.random_weights(3, 256, 256, "cpu")
+    w2, w2_s = ops.random_weights(3, 256, 128, "cpu")
+    x = torch.randn(5, 256).to(torch.bfloat16)
+    ids = torch.tensor([[0, 2], [1, 0], [2, 1], [1, -1], [-1, -1]], dtype=torch.int32)
+    weights = torch.rand(5, 2) + 0.1
+    bad_x, bad_w = x.clone(), weights.clone()
+    bad_w[1, 1] = float("nan")                  # valid slot: token 1 NaN
+    bad_x[2, 200] = float("inf")                # token 2 NaN
+    bad_w[3, 1] = float("nan")                  # slot id -1: not read
+    bad_x[4, 0] = float("nan")                  # no valid slot: y = 0
+    y = fp4_grouped_moe(*_to(device, bad_x, ids, bad_w, w13, w13_s, w2, w2_s), impl=impl).cpu()
+    clean = fp4_grouped_moe(*_to(device, x, ids, weights, w13, w13_s, w2, w2_s), impl=impl).cpu()
+    assert y[1:3].isnan().all()
+    assert torch.equal(y[[0, 3, 4]], clean[[0, 3, 4]]) and (y[4] == 0).all()
+
+
+@pytest.mark.op("mxfp4_grouped_gemm")
+def test_grouped_gemm_nan_rows_and_padding(impl, device):
+    """A non-finite activation block (NaN scale) makes its row NaN; a padding row (-1, -2, G) stays 0
+    even when its activations are NaN."""
+    x = torch.randn(5, 256).to(torch.bfloat16)
+    x[1, 3] = float("nan")
+    x[2, 0] = float("-inf")
+    x[4, 7] = float("inf")
+    a, a_scale = quantize_fp8_blockwise(x, 32)
+    b, b_scale = ops.random_weights(2, 64, 256, "cpu")
+    m_indices = torch.tensor([0, 0, -2, 1, 2], dtype=torch.int32)
+    c = mxfp4_grouped_gemm(*_to(device, a, a_scale, b, b_scale, m_indices), act_block_size=32, impl=impl).cpu()
+    assert c[1].isnan().all() and (c[[2, 4]] == 0).all() and c[[0, 3]].isfinite().all()
+
+
 @pytest.mark.parametrize("T", [0, 3])
 def test_torch_library_ops_are_complete(T):
     m = _moe_args()
@@ -281,7 +404,11 @@ def test_torch_library_ops_are_complete(T):
     w2, w2_s = ops.random_weights(4, 256, 128, "cpu")
     torch.library.opcheck(torch.ops.dsv4.fp4_grouped_moe.default,
                           (m["x"][:T], m["topk_ids"][:T], m["topk_weights"][:T], w13, w13_s, w2, w2_s, 128, 10.0,
-                           "reference"), test_utils=("test_schema", "test_faketensor"))
+                           None, "reference"), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.dsv4.fp4_grouped_moe.default,
+                          (m["x"][:T], m["topk_ids"][:T], m["topk_weights"][:T], w13, w13_s, w2, w2_s, 128, 10.0,
+                           torch.tensor([3, -1, 0, 1, 2], dtype=torch.int32), "reference"),
+                          test_utils=("test_schema", "test_faketensor"))
     # The grouped GEMM takes a float8 input, which opcheck's test_schema cannot compare before and after
     # the call on CPU (torch.allclose is not implemented for float8): the fake tensor check runs through
     # opcheck, and what test_schema would check (no input mutated, the output aliases no input) is checked

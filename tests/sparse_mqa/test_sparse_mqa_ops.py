@@ -296,6 +296,105 @@ def test_fp8_bad_input_is_refused_before_launch(name, bad, message):
     assert message in str(err.value)
 
 
+def _with(rows, *entries):
+    """rows: a [T, K] int32 tensor; entries: ((t, j), value) pairs set in a copy."""
+    out = rows.clone()
+    for (t, j), v in entries:
+        out[t, j] = v
+    return out
+
+
+# Data-dependent bad calls (issue 11), base_args shapes (T = 3, K = 10, N = 20; FP8: 2 pages * 16 = 32
+# slots): refused only in checked mode, naming argument, expected range, first bad position and value;
+# on the default path equal to the call with those entries replaced by -1 and topk_length clamped to
+# [0, K]. (label, changes given the base args, message parts)
+CHECKED = [
+    ("index-N", lambda a: {"indices": _with(a["indices"], ((1, 3), 20))},
+     ["indices: expected values in [0, 20) (rows of kv, N = 20) or -1, got 20 at position (1, 3) "
+      "(DSV4K_CHECK=1 checked mode)"]),
+    ("index-minus-2", lambda a: {"indices": _with(a["indices"], ((0, 0), -2))}, ["got -2 at position (0, 0)"]),
+    ("index-minus-N", lambda a: {"indices": _with(a["indices"], ((2, 9), -20))}, ["got -20 at position (2, 9)"]),
+    ("length-K+1", lambda a: {"topk_length": torch.tensor([10, 3, 11], dtype=torch.int32)},
+     ["topk_length: expected values in [0, 11) (entries used of the K = 10 of indices), got 11 at position (2,)"]),
+    ("length-minus-1", lambda a: {"topk_length": torch.tensor([-1, 3, 10], dtype=torch.int32)},
+     ["topk_length: expected values in [0, 11)", "got -1 at position (0,)"]),
+]
+
+
+def _clean(args, changes):
+    """The default path's meaning of a bad call: invalid indices -> -1, topk_length clamped to [0, K]."""
+    n = args["kv"].shape[0] if "kv" in args else args["kv_cache"].shape[0] * args["block_size"]
+    fixed = {}
+    if "indices" in changes:
+        i = changes["indices"]
+        fixed["indices"] = torch.where((i >= 0) & (i < n), i, torch.full_like(i, -1))
+    if "topk_length" in changes:
+        fixed["topk_length"] = changes["topk_length"].clamp(0, args["indices"].shape[1])
+    return fixed
+
+
+def _fix(args):
+    """Base args whose indices are all valid or -1 (random_inputs draws some from [-3, N + 3))."""
+    n = args["kv"].shape[0] if "kv" in args else args["kv_cache"].shape[0] * args["block_size"]
+    i = args["indices"]
+    return {**args, "indices": torch.where((i >= 0) & (i < n), i, torch.full_like(i, -1))}
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("label, change, message", CHECKED, ids=[c[0] for c in CHECKED])
+def test_bad_values_are_refused_in_checked_mode_and_masked_otherwise(monkeypatch, fp8, label, change, message):
+    args = _fix(fp8_base_args() if fp8 else base_args())
+    fn = ops.sparse_mqa_fp8 if fp8 else ops.sparse_mqa
+    changes = change(args)
+    if fp8 and label == "index-N":   # one past the FP8 cache instead: 2 pages * 16 slots
+        changes = {"indices": _with(args["indices"], ((1, 3), 32))}
+        message = ["indices: expected values in [0, 32) (slots of kv_cache, 2 pages * block_size 16) or -1, "
+                   "got 32 at position (1, 3)"]
+    monkeypatch.delenv("DSV4K_CHECK", raising=False)
+    out, lse = fn(**{**args, **changes})
+    want_out, want_lse = fn(**{**args, **_clean(args, changes)})
+    assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
+    monkeypatch.setenv("DSV4K_CHECK", "1")
+    with dispatch.recording() as calls, pytest.raises(ValueError) as err:
+        fn(**{**args, **changes})
+    for part in message:
+        assert part in str(err.value)
+    assert not calls
+    got = fn(**{**args, **_clean(args, changes)})                 # the masked call passes checked mode
+    assert torch.equal(got[0], want_out)
+
+
+def test_checked_mode_ignores_entries_past_topk_length(monkeypatch):
+    """Entries a row does not use (j >= topk_length[t]) are never read, so checked mode lets them be."""
+    monkeypatch.setenv("DSV4K_CHECK", "1")
+    args = _fix(base_args())
+    args["topk_length"] = torch.tensor([10, 4, 0], dtype=torch.int32)
+    args["indices"] = _with(args["indices"], ((1, 4), 99), ((1, 9), -7), ((2, 0), 20))
+    ops.sparse_mqa(**args)
+    with pytest.raises(ValueError, match=r"got 99 at position \(1, 4\)"):
+        ops.sparse_mqa(**{**args, "topk_length": torch.tensor([10, 5, 0], dtype=torch.int32)})
+
+
+@pytest.mark.op("sparse_mqa_fp8")
+def test_fp8_reads_nothing_outside_the_cache_view(impl, device):
+    """The cache is a view into a larger buffer whose pages around it dequantise to NaN: indices just
+    past the view, far past it, or negative must read none of it (out stays finite and equals the call
+    with -1 there)."""
+    q, kv, _, sink, _, _ = random_inputs(3, 8, 40, 6)
+    view_pages = quantize_kv_cache_fp8(kv, 16)                           # 3 pages, 48 slots
+    poison = quantize_kv_cache_fp8(torch.full((16, D), float("nan"), dtype=torch.bfloat16), 16)
+    buffer = torch.cat((poison, view_pages, poison, poison)).to(device)
+    cache = buffer[1:4]
+    indices = torch.tensor([[48, 5, -1, 63, 64, 7], [-16, 2, -48, -49, 1 << 30, 47], [0, 1, 2, 3, 4, 95]],
+                           dtype=torch.int32)
+    masked = torch.where((indices >= 0) & (indices < 48), indices, torch.full_like(indices, -1))
+    out, lse = ops.sparse_mqa_fp8(q.to(device), cache, indices.to(device), sink.to(device), block_size=16, impl=impl)
+    want_out, want_lse = ops.sparse_mqa_fp8(q.to(device), cache, masked.to(device), sink.to(device), block_size=16,
+                                            impl=impl)
+    assert out.isfinite().all() and lse.isfinite().all()
+    assert torch.equal(out.cpu(), want_out.cpu()) and torch.equal(lse.cpu(), want_lse.cpu())
+
+
 def test_validation_reads_no_tensor_values():
     """Every check is metadata only: validating meta tensors (which hold no values) passes."""
     args = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in base_args(T=2, H=128, K=1152).items()}

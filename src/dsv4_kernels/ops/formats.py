@@ -1,6 +1,12 @@
 """Number-format ops (SPEC "Number formats", 1.2, 7 "Formats"): FP8 block quantisation, MXFP4
 quantisation and dequantisation, and the paged 584-byte FP8 KV cache. Only the reference
-implementation exists so far; kernels must reproduce its bytes exactly."""
+implementation exists so far; kernels must reproduce its bytes exactly.
+
+Bad values (issue 11): the quantisers take any value. A block holding a NaN or an infinity is not an
+error, not even in checked mode (DSV4K_CHECK=1): NaN in, NaN out by design (SPEC "Number formats",
+"Non-finite input"). None of these ops takes an id or index tensor, so checked mode adds nothing to them
+(the KV-cache store with slots, reference.formats.store_kv_cache_fp8, is reached through the compressor
+ops, whose checked mode refuses bad cache slots)."""
 from __future__ import annotations
 
 import math
@@ -12,7 +18,7 @@ from dsv4_kernels.dispatch import Implementation
 from dsv4_kernels.ladder import OpCheck, register_check
 from dsv4_kernels.ops import _checks
 from dsv4_kernels.oracles import formats as oracle
-from dsv4_kernels.reference.formats import FP8_MAX, KV_NOPE_DIM, KV_ROPE_DIM, KV_TOKEN_BYTES
+from dsv4_kernels.reference.formats import FP8_MAX, KV_NOPE_DIM, KV_ROPE_DIM, KV_TILE, KV_TOKEN_BYTES
 from dsv4_kernels.reference.formats import quantize_kv_cache_fp8 as reference_quantize_kv
 
 __all__ = ["quantize_fp8_blockwise", "quantize_mxfp4", "dequantize_mxfp4", "quantize_kv_cache_fp8",
@@ -154,8 +160,10 @@ def quantize_fp8_blockwise(x: torch.Tensor, block_size: int = 128, fmt: str = "e
 
     Args:
         x: [..., K] bf16, fp16 or fp32, contiguous, at least one dimension; K a positive multiple of
-            block_size. Leading dimensions may be empty (T = 0). Values must be finite (not checked: that
-            would read them back to the host); with inf or NaN the outputs are unspecified.
+            block_size. Leading dimensions may be empty (T = 0). Any values: a block holding a NaN or
+            +-inf gets scale NaN and q = the format's NaN byte (0x7F e4m3fn, 0x80 e4m3fnuz) for all its
+            elements, so it dequantises to NaN; the other blocks are unaffected. This is never an
+            error, in checked mode (DSV4K_CHECK=1) neither.
         block_size: a positive int dividing K (the project uses 128, and 32 as in DeepGEMM).
         fmt: "e4m3fn" (OCP FP8: CUDA, ROCm gfx950, Ascend) or "e4m3fnuz" (ROCm gfx942). The bytes of the
             two encodings differ: use the one the consuming kernel's device reads.
@@ -184,7 +192,8 @@ def quantize_mxfp4(x: torch.Tensor, block_size: int = 32, *,
 
     Args:
         x: [..., K] bf16, fp16 or fp32, contiguous; K a positive multiple of 32; leading dims may be
-            empty. Values must be finite (not checked).
+            empty. Any values: a block holding a NaN or +-inf gets scale byte 255 (NaN) and code 0 for
+            all its elements, so it dequantises to NaN; never an error, in checked mode neither.
         block_size: must be 32 (the MXFP4 block; the argument exists for the SPEC 7 signature).
         impl: run this implementation ("reference") or raise.
     Returns:
@@ -206,9 +215,9 @@ def dequantize_mxfp4(packed: torch.Tensor, scale: torch.Tensor, *, impl: str | N
         scale: [..., K / 32] uint8 ue8m0 bytes, contiguous, same leading shape and device as packed.
         impl: run this implementation ("reference") or raise.
     Returns:
-        [..., K] fp32. Code 8 gives -0.0 (times the scale). Scale byte 255 (never produced by
-        quantize_mxfp4) gives NaN for its whole block; byte 0 gives 2^-127 (fp32 subnormal products,
-        exact); 6 * 2^127 and above overflow to +-inf.
+        [..., K] fp32. Code 8 gives -0.0 (times the scale). Scale byte 255 (quantize_mxfp4's mark of a
+        block that held a NaN or an infinity) gives NaN for its whole block, whatever the codes; byte 0
+        gives 2^-127 (fp32 subnormal products, exact); 6 * 2^127 and above overflow to +-inf.
     Raises:
         ValueError for a wrong dtype, layout, rank, a last dimension of packed that is not a positive
         multiple of 16, a scale shape other than (*packed.shape[:-1], K / 32), or different devices.
@@ -229,7 +238,9 @@ def quantize_kv_cache_fp8(kv: torch.Tensor, block_size: int = 64, *, impl: str |
     pad byte] per token. The bytes are e4m3fn on every device (gfx942 kernels decode them as e4m3fn).
 
     Args:
-        kv: [N, 512] bf16, contiguous; N may be 0. Values finite with |kv| < 2^126 (not checked).
+        kv: [N, 512] bf16, contiguous; N may be 0. Any values: a nope tile of 64 holding a NaN or +-inf
+            gets scale byte 255 and e4m3fn NaN bytes (0x7F), so it dequantises to NaN; the rope part
+            keeps its bf16 bits (NaN and +-inf included). Never an error, in checked mode neither.
         block_size: tokens per page, a positive int (64 in V4).
         impl: run this implementation ("reference") or raise.
     Returns:
@@ -258,7 +269,8 @@ def dequantize_kv_cache_fp8(pages: torch.Tensor, num_tokens: int, block_size: in
     Returns:
         [num_tokens, 512] bf16: nope = e4m3fn value * 2^(scale byte - 127) (exact in bf16 for caches built
         by quantize_kv_cache_fp8), rope = the stored bf16 values. Arbitrary bytes follow the formats: an
-        e4m3fn NaN byte or scale byte 255 gives NaN, products beyond the bf16 range give +-inf.
+        e4m3fn NaN byte or scale byte 255 gives NaN (255: the whole tile of 64), products beyond the bf16
+        range give +-inf. Only slots < num_tokens are read (no index is taken, so none can wrap).
     Raises:
         ValueError for a wrong dtype, rank, layout, a row length other than block_size * 584, a
         block_size or num_tokens that is not an int in range.
@@ -310,6 +322,15 @@ def _plant_ties(x: torch.Tensor, block: int, magnitudes: torch.Tensor, fmt_max: 
     flat[0, 1 + len(pick)] = -0.0
 
 
+def _plant_nonfinite(x: torch.Tensor, block: int) -> None:
+    """x [R >= 4, K >= 2 * block], in place: row 1's first block gets a NaN, a +inf and a -inf, row 2's
+    second block one +inf, row 3's last block one -inf; row 0 and every other block stay finite."""
+    inf = float("inf")
+    x[1, 0], x[1, 1], x[1, 2] = float("nan"), inf, -inf
+    x[2, block + 5] = inf
+    x[3, -1] = -inf
+
+
 def _fp8_cases(device: torch.device) -> list[tuple[str, tuple, dict]]:
     cases = []
     for label, shape, dtype, block, fmt in (
@@ -323,6 +344,12 @@ def _fp8_cases(device: torch.device) -> list[tuple[str, tuple, dict]]:
         x = (torch.randn(rows, k, device=device) * _magnitudes(rows, k, block, gen, device)).to(dtype).reshape(shape)
         if rows:
             _plant_ties(x, block, oracle.fp8_table(fmt)[:oracle.FMT[fmt][1] + 1].to(device), FP8_MAX[fmt])
+        cases.append((label, (x, block, fmt), {}))
+    for label, dtype, k, block, fmt in (("nonfinite-4x96-bf16-b32-e4m3fn", torch.bfloat16, 96, 32, "e4m3fn"),
+                                        ("nonfinite-4x256-fp32-b128-e4m3fnuz", torch.float32, 256, 128, "e4m3fnuz")):
+        x = torch.randn(4, k, device=device).to(dtype)
+        _plant_ties(x, block, oracle.fp8_table(fmt)[:oracle.FMT[fmt][1] + 1].to(device), FP8_MAX[fmt])
+        _plant_nonfinite(x, block)
         cases.append((label, (x, block, fmt), {}))
     return cases
 
@@ -339,6 +366,10 @@ def _mxfp4_cases(device: torch.device) -> list[tuple[str, tuple, dict]]:
         if rows:
             _plant_ties(x, 32, oracle.fp4_table()[:8].to(device), 6.0)
         cases.append((label, (x, 32), {}))
+    x = torch.randn(4, 96, device=device).to(torch.float16)
+    _plant_ties(x, 32, oracle.fp4_table()[:8].to(device), 6.0)
+    _plant_nonfinite(x, 32)
+    cases.append(("nonfinite-4x96-fp16", (x, 32), {}))
     return cases
 
 
@@ -365,22 +396,35 @@ def _kv_rows(n: int, device) -> torch.Tensor:
     return kv.to(torch.bfloat16)
 
 
+def _kv_nonfinite_rows(device) -> torch.Tensor:
+    """[5, 512] bf16: non-finite values in nope tiles (_plant_nonfinite with tiles of 64: rows 1 and 2;
+    its row 3 -inf lands in the rope part) and a NaN, a +inf and a -inf in row 4's rope part (stored as
+    they are)."""
+    kv = _kv_rows(5, device)
+    _plant_nonfinite(kv, KV_TILE)
+    kv[4, KV_NOPE_DIM + 1], kv[4, KV_NOPE_DIM + 2], kv[4, -1] = float("nan"), float("inf"), float("-inf")
+    return kv
+
+
 def _kv_cases(device: torch.device) -> list[tuple[str, tuple, dict]]:
     # The KV layout (head_dim 512 = 448 nope + 64 rope) is the same in V4-Flash and V4-Pro.
     return [("v4-N3-bs64", (_kv_rows(3, device), 64), {}),
             ("odd-N65-bs64-partial-page", (_kv_rows(65, device), 64), {}),
             ("odd-N7-bs3", (_kv_rows(7, device), 3), {}),
-            ("zero-tokens-N0", (_kv_rows(0, device), 64), {})]
+            ("zero-tokens-N0", (_kv_rows(0, device), 64), {}),
+            ("nonfinite-N5-bs4", (_kv_nonfinite_rows(device), 4), {})]
 
 
 def _dequant_kv_cases(device: torch.device) -> list[tuple[str, tuple, dict]]:
     built = reference_quantize_kv(_kv_rows(70, "cpu"), 64).to(device)
     random_pages = torch.randint(0, 256, (3, 16 * KV_TOKEN_BYTES), dtype=torch.uint8, device=device)
+    nonfinite = reference_quantize_kv(_kv_nonfinite_rows("cpu"), 4).to(device)
     return [("v4-N70-bs64-all-128-slots", (built, 128, 64), {}),
             ("v4-N70-bs64-first-65", (built, 65, 64), {}),
             ("random-bytes-P3-bs16-N37", (random_pages, 37, 16), {}),
             ("zero-tokens", (built, 0, 64), {}),
-            ("empty-cache-P0", (built[:0], 0, 64), {})]
+            ("empty-cache-P0", (built[:0], 0, 64), {}),
+            ("nonfinite-N5-bs4", (nonfinite, 5, 4), {})]
 
 
 register_check(OpCheck(OP_FP8, _fp8_cases, compare_exact, oracle=oracle.quantize_fp8_blockwise))

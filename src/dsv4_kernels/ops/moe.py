@@ -1,18 +1,25 @@
 """FP4 grouped MoE ops (SPEC 5, SPEC 7 "FP4 MoE"): `mxfp4_grouped_gemm` (FP8 activations times MXFP4
 expert weights, rows grouped by expert) and `fp4_grouped_moe` (the routed experts of one MoE layer:
 gate/up GEMM, clamped SwiGLU with the routing weight, down GEMM, routed sum). Only the reference
-implementation exists so far."""
+implementation exists so far.
+
+Bad values (issue 11). Default path: an id outside its range is invalid and masked on the device (that
+row or slot contributes nothing and reads nothing), never wrapped; NaN in, NaN out (a non-finite
+activation block quantises to a NaN scale, SPEC "Number formats"). Checked mode (DSV4K_CHECK=1, see
+ops/_values.py) refuses ids outside their range other than the -1 sentinel, with one host sync; it does
+not refuse non-finite values."""
 from __future__ import annotations
 
 import math
 import numbers
+from dataclasses import dataclass
 
 import torch
 
 from dsv4_kernels import dispatch
 from dsv4_kernels.dispatch import Implementation
 from dsv4_kernels.ladder import OpCheck, register_check
-from dsv4_kernels.ops import _checks
+from dsv4_kernels.ops import _checks, _values
 from dsv4_kernels.oracles import moe as oracle
 from dsv4_kernels.reference.formats import quantize_fp8_blockwise
 from dsv4_kernels.testing import assert_calc_diff, assert_same_nonfinite, bf16_ulp
@@ -63,7 +70,8 @@ def validate_gemm(a, a_scale, b, b_scale, m_indices, act_block_size) -> None:
     _checks.same_device(a=a, a_scale=a_scale, b=b, b_scale=b_scale, m_indices=m_indices)
 
 
-def validate_moe(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, act_block_size, swiglu_limit) -> None:
+def validate_moe(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, act_block_size, swiglu_limit,
+                 expert_map=None) -> None:
     """Metadata checks of fp4_grouped_moe (no tensor value is read: CUDA-graph safe)."""
     block = _act_block(act_block_size)
     _checks.tensor("x", x, torch.bfloat16, ndim=2)
@@ -94,8 +102,61 @@ def validate_moe(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, act_bl
     _checks.tensor("w2_scale", w2_scale, torch.uint8)
     _checks.shape("w2_scale", w2_scale, (E, dim, inter // WEIGHT_BLOCK))
     _finite_float("swiglu_limit", swiglu_limit, " (<= 0 disables the clamp)")
-    _checks.same_device(x=x, topk_ids=topk_ids, topk_weights=topk_weights, w13=w13, w13_scale=w13_scale,
-                        w2=w2, w2_scale=w2_scale)
+    tensors = dict(x=x, topk_ids=topk_ids, topk_weights=topk_weights, w13=w13, w13_scale=w13_scale, w2=w2,
+                   w2_scale=w2_scale)
+    if expert_map is not None:
+        _checks.tensor("expert_map", expert_map, torch.int32, ndim=1)
+        if expert_map.shape[0] < 1:
+            raise ValueError(f"expert_map: expected shape (E_global,) with E_global >= 1, got {tuple(expert_map.shape)}")
+        tensors["expert_map"] = expert_map
+    _checks.same_device(**tensors)
+
+
+@dataclass(frozen=True)
+class GroupsContiguous(_values.Rule):
+    """A 1-d group id list whose rows of one group form one run: no group reappears after another
+    group's rows (rows of `padding` may sit anywhere, also inside a run). The offending element is the
+    first row of a group's second run. A local rule kind (ops/_values.py has none for runs)."""
+
+    padding: int = -1
+
+    def bad(self, x):
+        keep = (x != self.padding).nonzero().squeeze(1)          # checked mode only: it syncs anyway
+        v = x[keep]
+        start = torch.ones_like(v, dtype=torch.bool)
+        start[1:] = v[1:] != v[:-1]
+        run_values, run_pos = v[start], keep[start]
+        values, order = torch.sort(run_values, stable=True)
+        again = torch.zeros_like(run_values, dtype=torch.bool)
+        again[order[1:]] = values[1:] == values[:-1]
+        mask = torch.zeros_like(x, dtype=torch.bool)
+        mask[run_pos[again]] = True
+        return mask
+
+    @property
+    def expected(self) -> str:
+        return f"the rows of each group contiguous ({self.padding} padding rows may sit anywhere)"
+
+
+def gemm_rules(b: torch.Tensor, m_indices: torch.Tensor) -> tuple[_values.Rule, ...]:
+    """Checked-mode rules of mxfp4_grouped_gemm: m_indices in [0, G) or -1 (padding), and the rows of one
+    group contiguous."""
+    return (_values.InRange("m_indices", m_indices, 0, b.shape[0], what=f"groups of b, G = {b.shape[0]}",
+                            allow=(-1,)),
+            GroupsContiguous("m_indices", m_indices))
+
+
+def moe_rules(topk_ids: torch.Tensor, w13: torch.Tensor,
+              expert_map: torch.Tensor | None = None) -> tuple[_values.Rule, ...]:
+    """Checked-mode rules of fp4_grouped_moe: topk_ids in [0, E) or -1 (a dropped slot); with an
+    expert_map, topk_ids in [0, E_global) or -1 and expert_map in [0, E) or -1 (a remote expert)."""
+    E = w13.shape[0]
+    if expert_map is None:
+        return (_values.InRange("topk_ids", topk_ids, 0, E, what=f"experts of w13, E = {E}", allow=(-1,)),)
+    G = expert_map.shape[0]
+    return (_values.InRange("topk_ids", topk_ids, 0, G, what=f"global experts of expert_map, E_global = {G}",
+                            allow=(-1,)),
+            _values.InRange("expert_map", expert_map, 0, E, what=f"local experts of w13, E = {E}", allow=(-1,)))
 
 
 for _op in (OP_GEMM, OP_MOE):
@@ -118,13 +179,13 @@ def _(a, a_scale, b, b_scale, m_indices, act_block_size, impl):
 @torch.library.custom_op("dsv4::fp4_grouped_moe", mutates_args=())
 def _fp4_grouped_moe_op(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor,
                         w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor, act_block_size: int,
-                        swiglu_limit: float, impl: str) -> torch.Tensor:
+                        swiglu_limit: float, expert_map: torch.Tensor | None, impl: str) -> torch.Tensor:
     return dispatch.call(OP_MOE, x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, act_block_size,
-                         swiglu_limit, impl=impl or None)
+                         swiglu_limit, expert_map, impl=impl or None)
 
 
 @_fp4_grouped_moe_op.register_fake
-def _(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, act_block_size, swiglu_limit, impl):
+def _(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, act_block_size, swiglu_limit, expert_map, impl):
     return x.new_empty(x.shape, dtype=torch.bfloat16)
 
 
@@ -142,27 +203,38 @@ def mxfp4_grouped_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, 
         b: [G, N, K / 2] uint8, contiguous: MXFP4 weights of G experts (groups), N output rows each, two
             e2m1 codes per byte along K (low nibble = even k). G >= 1, N >= 1.
         b_scale: [G, N, K / 32] uint8 ue8m0 bytes, contiguous.
-        m_indices: [M] int32, contiguous: the group of each row. Rows of one group are meant to be
-            contiguous (kernels may rely on it; the reference does not). -1, or any value outside
-            [0, G), marks a padding row (output 0); values are not checked (that would read them back).
+        m_indices: [M] int32, contiguous: the group of each row. Rows of one group must be contiguous
+            (-1 padding rows may sit anywhere): kernels may rely on it, checked mode refuses a group
+            that reappears after another group's rows; the reference does not need it (each row uses
+            its own group, whatever the order). -1, or any value outside
+            [0, G) (negative values never wrap around), marks a padding row: its output is 0 and
+            nothing of it is read (NaN in a padding row of a does not show). Checked mode
+            (DSV4K_CHECK=1) refuses values outside [0, G) other than -1.
         act_block_size: 32 or 128, the activation block along K.
         impl: run this implementation ("reference") or raise; None lets the dispatcher choose.
     Returns:
         c: [M, N] bf16: the reference computes the exact product sum, rounds it once to fp32 (an fp32
         accumulator without rounding error) and then to bf16; kernels accumulate in fp32 in their own
-        order (tolerance: calc_diff < 0.01, SPEC 5). A weight scale byte 255 makes its rows NaN.
+        order (tolerance: calc_diff < 0.01, SPEC 5). NaN in, NaN out: a weight scale byte 255 makes its
+        columns NaN in the rows of that group; a NaN FP8 byte or a NaN a_scale (quantize_fp8_blockwise's
+        mark of a non-finite block) makes its whole row NaN. Non-finite values are never an error,
+        in checked mode neither.
     Raises:
         ValueError naming the argument, the expected and the actual value for a wrong dtype (a must be
         e4m3fn: the reference and the SPEC define OCP FP8 activations), rank, shape relation (K / 2,
-        K / act_block_size, K / 32, [G, N], [M]), act_block_size not in {32, 128}, device or layout.
+        K / act_block_size, K / 32, [G, N], [M]), act_block_size not in {32, 128}, device or layout;
+        in checked mode also for an m_indices value outside [0, G) other than -1, or a group split by
+        another group's rows (naming the position).
     """
     validate_gemm(a, a_scale, b, b_scale, m_indices, act_block_size)
+    _values.check(*gemm_rules(b, m_indices))
     return _mxfp4_grouped_gemm_op(a, a_scale, b, b_scale, m_indices, int(act_block_size), impl or "")
 
 
 def fp4_grouped_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor,
                     w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor, act_block_size: int = 128,
-                    swiglu_limit: float = 10.0, *, impl: str | None = None) -> torch.Tensor:
+                    swiglu_limit: float = 10.0, expert_map: torch.Tensor | None = None, *,
+                    impl: str | None = None) -> torch.Tensor:
     """The routed experts of one MoE layer with FP8 activations and MXFP4 weights (SPEC 5); the shared
     expert is not included.
 
@@ -178,9 +250,12 @@ def fp4_grouped_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch
         x: [T, dim] bf16, contiguous; T may be 0; dim a positive multiple of act_block_size (V4-Flash
             4096, V4-Pro 7168).
         topk_ids: [T, k] int32, contiguous, k >= 1 (6 in V4). -1 (a dropped slot), or any id outside
-            [0, E), contributes nothing (not checked: ids stay on the device). A duplicate id in a row
-            counts once per occurrence.
-        topk_weights: [T, k] fp32, contiguous: the routing weights (score_topk / hash_topk output).
+            [0, E) ([0, E_global) with an expert_map; negative ids never wrap around), contributes
+            nothing: neither its weight nor any expert is read for it. Checked mode (DSV4K_CHECK=1)
+            refuses such ids other than -1. A duplicate id in a row counts once per occurrence.
+        topk_weights: [T, k] fp32, contiguous: the routing weights (score_topk / hash_topk output). A
+            NaN or infinite weight of a valid slot makes the token's whole output row NaN (NaN in, NaN
+            out; never an error, in checked mode neither); the weight of an invalid slot is not read.
         w13: [E, 2I, dim / 2] uint8 MXFP4, contiguous; rows [0, I) are the gate W1, rows [I, 2I) the up
             projection W3. E >= 1 (256 V4-Flash, 384 V4-Pro); I a positive multiple of act_block_size
             (2048 V4-Flash, 3072 V4-Pro).
@@ -190,18 +265,30 @@ def fp4_grouped_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch
         act_block_size: 32 (DeepGEMM's granularity) or 128 (the SPEC's reference granularity).
         swiglu_limit: a finite float (10.0 in V4). A value <= 0 disables both clamps (the reference's
             convention: 0 means "no clamp", not "clamp to 0").
+        expert_map: None, or [E_global] int32, contiguous, on x's device, E_global >= 1 (expert
+            parallelism, SPEC 5): topk_ids are then global ids in [0, E_global) and slot (t, j) uses the
+            local expert expert_map[topk_ids[t, j]] of this rank's weights. A map entry -1 (the expert
+            lives on another rank), or any entry outside [0, E), makes such slots contribute nothing, as
+            does a global id outside [0, E_global) (neither wraps around). Checked mode refuses topk_ids
+            outside [0, E_global) and map entries outside [0, E), -1 excepted.
         impl: run this implementation ("reference") or raise; None lets the dispatcher choose.
     Returns:
-        y: [T, dim] bf16. A token whose slots are all invalid gets 0; T = 0 gives a [0, dim] tensor. Only
-        the experts named in topk_ids are read, so other experts' weights may hold anything.
+        y: [T, dim] bf16. A token whose slots are all invalid gets 0 (even if its x holds NaN); T = 0
+        gives a [0, dim] tensor. A NaN or infinity in x[t] gives NaN in its activation block's scale,
+        hence an all-NaN y[t] when the token has a valid slot. Only the experts named by valid ids are
+        read, so other experts' weights may hold anything.
     Raises:
         ValueError naming the argument, the expected and the actual value for a wrong dtype, rank, shape
         relation ([T, k] ids and weights, [E, 2I, dim/2], [E, 2I, dim/32], [E, dim, I/2], [E, dim, I/32]),
-        act_block_size not in {32, 128}, a non-finite swiglu_limit, device or layout.
+        act_block_size not in {32, 128}, a non-finite swiglu_limit, device or layout, an expert_map that is
+        not a non-empty 1-d int32 tensor; in checked mode also for a topk_ids value outside [0, E) (or
+        [0, E_global)) or an expert_map entry outside [0, E), -1 excepted (naming position and value).
     """
-    validate_moe(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, act_block_size, swiglu_limit)
+    validate_moe(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, act_block_size, swiglu_limit,
+                 expert_map)
+    _values.check(*moe_rules(topk_ids, w13, expert_map))
     return _fp4_grouped_moe_op(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, int(act_block_size),
-                               float(swiglu_limit), impl or "")
+                               float(swiglu_limit), expert_map, impl or "")
 
 
 # Tolerances. Against the reference (kernels, device runs): SPEC 5, calc_diff < 0.01 with one FP4 operand
@@ -295,6 +382,7 @@ def gemm_inputs(label: str, device) -> tuple:
 # MoE cases: label -> (dim, I, E, T, act_block_size, x scale, experts the routing may use). Routing rows
 # mix valid ids, -1 and an id E (invalid too). x scale 40 drives most gate/up values past the clamp. The
 # V4-Pro token touches one of its two experts: decoding a V4-Pro expert costs about a second on a CPU.
+_EP_CASE = "ep-E_global8-local3-dim256-I128-T4"   # expert parallelism: 8 global experts, 3 on this rank
 _MOE_CASES = {
     "flash-E2-T3-b128": (4096, 2048, 2, 3, 128, 1.0, None),
     "flash-E2-T0-b32": (4096, 2048, 2, 0, 32, 1.0, None),
@@ -303,7 +391,10 @@ _MOE_CASES = {
     "flash-true-E256-dim256-I128-T3": (256, 128, 256, 3, 128, 1.0, None),
     "pro-true-E384-dim256-I128-T3": (256, 128, 384, 3, 32, 1.0, None),
     "odd-dim160-I96-E3-T5-clamp": (160, 96, 3, 5, 32, 40.0, None),
+    _EP_CASE: (256, 128, 3, 4, 32, 1.0, None),
 }
+# Global expert -> local expert of the EP case: 1, 4, 6 live here (as 2, 0, 1), the rest elsewhere (-1).
+_EP_MAP = [-1, 2, -1, -1, 0, -1, 1, -1]
 MOE_LABELS = tuple(_MOE_CASES)
 
 
@@ -328,13 +419,20 @@ def _routing(T: int, E: int, experts, device) -> tuple[torch.Tensor, torch.Tenso
 
 
 def moe_inputs(label: str, device) -> tuple:
-    """(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, act_block_size, swiglu_limit) on `device`."""
+    """(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, act_block_size, swiglu_limit,
+    expert_map) on `device`; expert_map is None except in the expert-parallel case, whose ids are
+    global (8 experts, an id 8 one past them)."""
     dim, inter, E, T, block, x_scale, experts = _MOE_CASES[label]
     x = (x_scale * torch.randn(T, dim, device=device)).to(torch.bfloat16)
-    ids, weights = _routing(T, E, experts, device)
+    expert_map = None
+    if label == _EP_CASE:
+        expert_map = torch.tensor(_EP_MAP, dtype=torch.int32, device=device)
+        ids, weights = _routing(T, len(_EP_MAP), None, device)
+    else:
+        ids, weights = _routing(T, E, experts, device)
     w13, w13_scale = random_weights(E, 2 * inter, dim, device)
     w2, w2_scale = random_weights(E, dim, inter, device)
-    return x, ids, weights, w13, w13_scale, w2, w2_scale, block, 10.0
+    return x, ids, weights, w13, w13_scale, w2, w2_scale, block, 10.0, expert_map
 
 
 def _gemm_cases(device: torch.device) -> list[tuple[str, tuple, dict]]:

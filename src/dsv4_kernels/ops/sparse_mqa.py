@@ -1,6 +1,12 @@
 """Sparse MQA (SPEC 1, 1.2): `sparse_mqa` on a bf16 KV pool and `sparse_mqa_fp8` on the paged FP8 KV
 cache. Also re-exports the SPEC 1.1 index builders (`build_sparse_indices` and its parts): plain
-functions that callers run before the op, not ops themselves."""
+functions that callers run before the op, not ops themselves.
+
+Bad values (issue 11). Default path: an index outside [0, N) is invalid and contributes nothing (never
+wrapped around: -2 is as empty as -1), a topk_length outside [0, K] is clamped to it; nothing is read
+back to the host. Checked mode (DSV4K_CHECK=1, ops/_values.py) refuses, with one host sync, a
+topk_length outside [0, K] and a used index (within its row's topk_length) outside [0, N) other than -1.
+Non-finite q or kv values are not refused: they propagate as the math says."""
 from __future__ import annotations
 
 
@@ -9,7 +15,7 @@ import torch
 from dsv4_kernels import dispatch
 from dsv4_kernels.dispatch import Implementation
 from dsv4_kernels.ladder import OpCheck, register_check
-from dsv4_kernels.ops import _checks
+from dsv4_kernels.ops import _checks, _values
 from dsv4_kernels.oracles import sparse_mqa as oracle
 from dsv4_kernels.reference.formats import KV_TOKEN_BYTES, quantize_kv_cache_fp8
 from dsv4_kernels.reference.indices import (WINDOW, build_sparse_indices, compact_indices, compressed_indices,
@@ -17,7 +23,7 @@ from dsv4_kernels.reference.indices import (WINDOW, build_sparse_indices, compac
                                             window_indices)
 from dsv4_kernels.testing import assert_same_nonfinite, calc_diff
 
-__all__ = ["sparse_mqa", "sparse_mqa_fp8", "validate", "validate_fp8", "HEAD_DIM", "HEAD_COUNTS",
+__all__ = ["sparse_mqa", "sparse_mqa_fp8", "validate", "validate_fp8", "index_rules", "HEAD_DIM", "HEAD_COUNTS",
            "WINDOW", "build_sparse_indices", "window_indices", "num_visible_compressed", "compressed_indices",
            "selected_compressed_indices", "compact_indices"]
 
@@ -68,6 +74,26 @@ def validate_fp8(q, kv_cache, indices, attn_sink, softmax_scale=None, topk_lengt
     _checks.tensor("kv_cache", kv_cache, torch.uint8, ndim=2)
     _checks.shape("kv_cache", kv_cache, (None, block_size * KV_TOKEN_BYTES))
     _checks.same_device(**tensors, kv_cache=kv_cache)
+
+
+def index_rules(indices: torch.Tensor, topk_length: torch.Tensor | None, num_rows: int, rows: str,
+                name: str = "indices", length_name: str = "topk_length") -> tuple[_values.Rule, ...]:
+    """Checked-mode rules of one index list: topk_length in [0, K], and every used index (position j <
+    topk_length[t]) in [0, num_rows) or -1. Entries past a row's topk_length are never read, so they
+    may hold anything. `rows` names what the indices point into, for the message. The masked copy of
+    the indices is built only in checked mode (the default path allocates nothing here)."""
+    if not _values.enabled():
+        return ()
+    K = indices.shape[1]
+    rules = []
+    used = indices
+    if topk_length is not None:
+        rules.append(_values.InRange(length_name, topk_length, 0, K + 1,
+                                     what=f"entries used of the K = {K} of {name}"))
+        unused = torch.arange(K, device=indices.device)[None, :] >= topk_length[:, None]
+        used = indices.masked_fill(unused, -1)
+    rules.append(_values.InRange(name, used, 0, num_rows, what=rows, allow=(-1,)))
+    return tuple(rules)
 
 
 dispatch.register(Implementation(
@@ -124,15 +150,18 @@ def sparse_mqa(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, attn_si
         kv: [N, 512] bf16, contiguous, on q's device: the pool of KV rows (each row is both key and value).
             N = 0 is allowed (every index is then invalid).
         indices: [T, K] int32, contiguous, on q's device; K >= 0 (K = 0 is accepted: every row is empty).
-            An entry < 0 (the -1 padding) or >= N is invalid and contributes nothing; this is never an
-            error and is not checked. Duplicates are kept: each occurrence adds its term again. Build
-            the lists with build_sparse_indices (window part, then compressed part).
+            An entry < 0 (the -1 padding, or any other negative value: never wrapped around) or >= N is
+            invalid and contributes nothing. Checked mode (DSV4K_CHECK=1) refuses a used entry (one
+            within its row's topk_length) outside [0, N) other than -1; entries past topk_length are not
+            looked at. Duplicates are kept: each occurrence adds its term again. Build the lists with
+            build_sparse_indices (window part, then compressed part).
         attn_sink: [H] fp32, contiguous, on q's device: per-head logit added to the denominator only, as
             exp(attn_sink[h]) (not multiplied by the scale). -inf means no sink (plain softmax). +inf and
             NaN are not allowed (not checked: the values stay on the device).
         softmax_scale: None (512 ** -0.5) or a positive finite float.
         topk_length: None or [T] int32, contiguous, on q's device: row t uses only its first
-            topk_length[t] entries (a value <= 0 uses none, a value >= K all K).
+            topk_length[t] entries, the value clamped to [0, K] (a value <= 0 uses none, a value >= K
+            all K). Checked mode refuses a value outside [0, K].
         impl: run this implementation (e.g. "reference") or raise; None lets the dispatcher choose.
     Returns:
         out: [T, H, 512] bf16, rounded once from fp32.
@@ -142,9 +171,11 @@ def sparse_mqa(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, attn_si
         ordinary: they share the weight. T = 0 gives empty outputs of these shapes.
     Raises:
         ValueError naming the argument, the expected and the actual value for a wrong dtype, rank, shape
-        (including H and D = 512), device, layout, or softmax_scale, before any launch.
+        (including H and D = 512), device, layout, or softmax_scale, before any launch; in checked mode
+        also for a bad index or topk_length value (naming its position).
     """
     validate(q, kv, indices, attn_sink, softmax_scale, topk_length)
+    _values.check(*index_rules(indices, topk_length, kv.shape[0], f"rows of kv, N = {kv.shape[0]}"))
     scale = None if softmax_scale is None else float(softmax_scale)
     return _sparse_mqa_op(q, kv, indices, attn_sink, scale, topk_length, impl or "")
 
@@ -166,7 +197,8 @@ def sparse_mqa_fp8(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tenso
             n % block_size. Valid range 0 <= n < P * block_size: every slot of every page is a row,
             including slots never written (they dequantise to whatever their bytes hold; zero bytes give a
             zero row, which still takes part with logit 0). Entries outside it are invalid and contribute
-            nothing. K = 0 is accepted.
+            nothing (negative values never wrap around); checked mode refuses used ones other than -1, as
+            in sparse_mqa. K = 0 is accepted.
         attn_sink, softmax_scale, topk_length, impl: as in sparse_mqa.
         block_size: tokens per page, a positive int (64 in V4).
     Returns:
@@ -178,6 +210,9 @@ def sparse_mqa_fp8(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tenso
         length is not block_size * 584 bytes.
     """
     validate_fp8(q, kv_cache, indices, attn_sink, softmax_scale, topk_length, block_size)
+    slots = kv_cache.shape[0] * block_size
+    _values.check(*index_rules(indices, topk_length, slots,
+                               f"slots of kv_cache, {kv_cache.shape[0]} pages * block_size {block_size}"))
     scale = None if softmax_scale is None else float(softmax_scale)
     return _sparse_mqa_fp8_op(q, kv_cache, indices, attn_sink, scale, topk_length, int(block_size), impl or "")
 

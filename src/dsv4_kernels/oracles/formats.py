@@ -7,7 +7,9 @@ the two neighbours of |v| are compared, and an exact tie goes to the even code (
 is the mantissa's lowest bit), then the sign bit is set from the IEEE sign of v. Block scales are found
 block by block on Python floats as the smallest power of two 2^k with fmt_max * 2^k >= max(amax, 1e-4)
 (FlashMLA's KV rule: 448 * 2^k >= amax and 2^k >= 1e-4), by exact comparisons with powers of two.
-The FP8 KV cache is assembled and read token by token at its byte offsets.
+The FP8 KV cache is assembled and read token by token at its byte offsets. A block (KV tile) whose
+amax is not a finite Python float (it holds a NaN or an infinity) gets a NaN scale (ue8m0 byte 255) and
+fixed bytes: the FP8 NaN byte (0x7F e4m3fn, 0x80 e4m3fnuz) or FP4 code 0.
 
 Each function takes the op's signature and returns the op's outputs and dtypes, for the verification
 ladder (which runs them on CPU tensors).
@@ -28,6 +30,7 @@ FMT = {  # fmt: (exponent bias, largest finite magnitude code, float8 dtype)
     "e4m3fnuz": (8, 0x7F, torch.float8_e4m3fnuz),
 }
 _KV_NOPE, _KV_ROPE, _KV_TILE, _KV_DATA, _KV_TOKEN = 448, 64, 64, 576, 584
+_NAN_BYTE = {"e4m3fn": 0x7F, "e4m3fnuz": 0x80}   # S.1111.111 with S = 0; the only e4m3fnuz NaN
 
 
 def fp8_table(fmt: str) -> torch.Tensor:
@@ -110,24 +113,36 @@ def _blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, list[float]]:
     return xb, xb.abs().amax(dim=-1).flatten().tolist()
 
 
+def _exponents(amax: list[float], fmt_max: float) -> list[int | None]:
+    """The block rule's exponent per block; None for a block whose amax is NaN or inf."""
+    return [smallest_pow2_exponent(max(a, 1e-4), fmt_max) if math.isfinite(a) else None for a in amax]
+
+
+def _scales(exps: list[int | None], shape) -> torch.Tensor:
+    return torch.tensor([math.nan if k is None else 2.0 ** k for k in exps], dtype=torch.float64).reshape(shape)
+
+
 def quantize_fp8_blockwise(x: torch.Tensor, block_size: int = 128, fmt: str = "e4m3fn"):
     """(q [..., K] float8 of fmt, scale [..., K / block_size] fp32)."""
     fmt_max = float(fp8_table(fmt)[FMT[fmt][1]])
     xb, amax = _blocks(x, block_size)
-    exps = [smallest_pow2_exponent(max(a, 1e-4), fmt_max) for a in amax]
-    scale = torch.tensor([2.0 ** k for k in exps], dtype=torch.float64).reshape(xb.shape[:-1])
-    q = fp8_bytes(xb / scale.unsqueeze(-1), fmt).reshape(x.shape).view(FMT[fmt][2])
+    scale = _scales(_exponents(amax, fmt_max), xb.shape[:-1])
+    bad = scale.isnan().unsqueeze(-1)
+    q = fp8_bytes(torch.where(bad, 0.0, xb / scale.unsqueeze(-1)), fmt)
+    q = torch.where(bad, torch.tensor(_NAN_BYTE[fmt], dtype=torch.uint8), q).reshape(x.shape).view(FMT[fmt][2])
     return q, scale.float().reshape(*x.shape[:-1], x.shape[-1] // block_size)
 
 
 def quantize_mxfp4(x: torch.Tensor, block_size: int = 32):
     """(packed [..., K / 2] uint8, low nibble = even index; scale [..., K / 32] uint8 ue8m0 bytes)."""
     xb, amax = _blocks(x, block_size)
-    exps = [smallest_pow2_exponent(max(a, 1e-4), 6.0) for a in amax]
-    scale = torch.tensor([2.0 ** k for k in exps], dtype=torch.float64).reshape(xb.shape[:-1])
-    codes = fp4_codes(xb / scale.unsqueeze(-1)).reshape(*x.shape[:-1], x.shape[-1] // 2, 2).long()
+    exps = _exponents(amax, 6.0)
+    scale = _scales(exps, xb.shape[:-1])
+    bad = scale.isnan().unsqueeze(-1)
+    codes = fp4_codes(torch.where(bad, 0.0, xb / scale.unsqueeze(-1)))   # code 0 in a non-finite block
+    codes = codes.reshape(*x.shape[:-1], x.shape[-1] // 2, 2).long()
     packed = (codes[..., 0] + 16 * codes[..., 1]).to(torch.uint8)
-    scale_bytes = torch.tensor([k + 127 for k in exps], dtype=torch.uint8)
+    scale_bytes = torch.tensor([255 if k is None else k + 127 for k in exps], dtype=torch.uint8)
     return packed, scale_bytes.reshape(*x.shape[:-1], x.shape[-1] // block_size)
 
 
@@ -164,8 +179,14 @@ def quantize_kv_cache_fp8(kv: torch.Tensor, block_size: int = 64) -> torch.Tenso
         data = slot * _KV_DATA
         for tile in range(_KV_NOPE // _KV_TILE):
             vals = kv[n, tile * _KV_TILE:(tile + 1) * _KV_TILE].double()
-            k = _kv_exponent(float(vals.abs().max()))
-            pages[page, data + tile * _KV_TILE:data + (tile + 1) * _KV_TILE] = fp8_bytes(vals / 2.0 ** k, "e4m3fn")
+            amax = float(vals.abs().max())
+            at = slice(data + tile * _KV_TILE, data + (tile + 1) * _KV_TILE)
+            if not math.isfinite(amax):                   # NaN or inf in the tile: NaN bytes, NaN scale
+                pages[page, at] = _NAN_BYTE["e4m3fn"]
+                pages[page, block_size * _KV_DATA + slot * 8 + tile] = 255
+                continue
+            k = _kv_exponent(amax)
+            pages[page, at] = fp8_bytes(vals / 2.0 ** k, "e4m3fn")
             pages[page, block_size * _KV_DATA + slot * 8 + tile] = k + 127
         rope = [b for bits in rope_bits[n] for b in (bits & 0xFF, (bits >> 8) & 0xFF)]  # little-endian
         pages[page, data + _KV_NOPE:data + _KV_DATA] = torch.tensor(rope, dtype=torch.uint8)

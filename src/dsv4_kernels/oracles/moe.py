@@ -63,7 +63,7 @@ def fp8_round_trip(v: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def moe_fp64(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, act_block_size=128,
-             swiglu_limit=10.0) -> torch.Tensor:
+             swiglu_limit=10.0, expert_map=None) -> torch.Tensor:
     """y [T, dim] fp64 of SPEC 5, the final sum left unrounded. The routing loop runs over tokens and
     slots; the GEMMs of one expert are batched over its (token, slot) pairs and accumulated in fp64, then
     rounded to fp32 (an exact fp32 accumulator) and bf16. h is formed in fp32 as SPEC 5 writes it."""
@@ -74,6 +74,8 @@ def moe_fp64(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, act_block_
     for t in range(t_count):
         for j in range(topk_ids.shape[1]):
             e = int(topk_ids[t, j])
+            if expert_map is not None:   # global id -> local expert; unknown global ids and -1 drop out
+                e = int(expert_map[e]) if 0 <= e < expert_map.shape[0] else -1
             if 0 <= e < n_experts:
                 work.setdefault(e, []).append((t, j))
     y = torch.zeros(t_count, dim, dtype=torch.float64)
@@ -124,8 +126,9 @@ def mxfp4_grouped_gemm(a, a_scale, b, b_scale, m_indices, act_block_size=128) ->
 
 
 def fp4_grouped_moe(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, act_block_size=128,
-                    swiglu_limit=10.0) -> torch.Tensor:
+                    swiglu_limit=10.0, expert_map=None) -> torch.Tensor:
     """The op's output: y [T, dim] bf16, the fp64 sum of the per-expert bf16 results rounded once
     (through fp32), with the unrounded sum attached as y.oracle_fp64."""
-    exact = moe_fp64(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, act_block_size, swiglu_limit)
+    exact = moe_fp64(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, act_block_size, swiglu_limit,
+                     expert_map)
     return _with_fp64(exact)
