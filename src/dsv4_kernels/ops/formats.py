@@ -178,7 +178,7 @@ def quantize_fp8_blockwise(x: torch.Tensor, block_size: int = 128, fmt: str = "e
         rank, a block_size that is not a positive int dividing K, or an fmt other than the two names.
     """
     validate_fp8_blockwise(x, block_size, fmt)
-    return _quantize_fp8_blockwise_op(x, int(block_size), fmt, impl or "")
+    return _quantize_fp8_blockwise_op(x, int(block_size), fmt, _checks.impl_name(impl))
 
 
 def quantize_mxfp4(x: torch.Tensor, block_size: int = 32, *,
@@ -204,7 +204,7 @@ def quantize_mxfp4(x: torch.Tensor, block_size: int = 32, *,
         multiple of 32.
     """
     validate_mxfp4(x, block_size)
-    return _quantize_mxfp4_op(x, int(block_size), impl or "")
+    return _quantize_mxfp4_op(x, int(block_size), _checks.impl_name(impl))
 
 
 def dequantize_mxfp4(packed: torch.Tensor, scale: torch.Tensor, *, impl: str | None = None) -> torch.Tensor:
@@ -223,7 +223,7 @@ def dequantize_mxfp4(packed: torch.Tensor, scale: torch.Tensor, *, impl: str | N
         multiple of 16, a scale shape other than (*packed.shape[:-1], K / 32), or different devices.
     """
     validate_dequant_mxfp4(packed, scale)
-    return _dequantize_mxfp4_op(packed, scale, impl or "")
+    return _dequantize_mxfp4_op(packed, scale, _checks.impl_name(impl))
 
 
 def quantize_kv_cache_fp8(kv: torch.Tensor, block_size: int = 64, *, impl: str | None = None) -> torch.Tensor:
@@ -251,7 +251,7 @@ def quantize_kv_cache_fp8(kv: torch.Tensor, block_size: int = 64, *, impl: str |
         not a positive int.
     """
     validate_kv(kv, block_size)
-    return _quantize_kv_cache_fp8_op(kv, int(block_size), impl or "")
+    return _quantize_kv_cache_fp8_op(kv, int(block_size), _checks.impl_name(impl))
 
 
 def dequantize_kv_cache_fp8(pages: torch.Tensor, num_tokens: int, block_size: int = 64, *,
@@ -276,7 +276,7 @@ def dequantize_kv_cache_fp8(pages: torch.Tensor, num_tokens: int, block_size: in
         block_size or num_tokens that is not an int in range.
     """
     validate_dequant_kv(pages, num_tokens, block_size)
-    return _dequantize_kv_cache_fp8_op(pages, int(num_tokens), int(block_size), impl or "")
+    return _dequantize_kv_cache_fp8_op(pages, int(num_tokens), int(block_size), _checks.impl_name(impl))
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

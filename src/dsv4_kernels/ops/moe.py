@@ -228,7 +228,7 @@ def mxfp4_grouped_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, 
     """
     validate_gemm(a, a_scale, b, b_scale, m_indices, act_block_size)
     _values.check(*gemm_rules(b, m_indices))
-    return _mxfp4_grouped_gemm_op(a, a_scale, b, b_scale, m_indices, int(act_block_size), impl or "")
+    return _mxfp4_grouped_gemm_op(a, a_scale, b, b_scale, m_indices, int(act_block_size), _checks.impl_name(impl))
 
 
 def fp4_grouped_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor,
@@ -288,7 +288,7 @@ def fp4_grouped_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch
                  expert_map)
     _values.check(*moe_rules(topk_ids, w13, expert_map))
     return _fp4_grouped_moe_op(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, int(act_block_size),
-                               float(swiglu_limit), expert_map, impl or "")
+                               float(swiglu_limit), expert_map, _checks.impl_name(impl))
 
 
 # Tolerances. Against the reference (kernels, device runs): SPEC 5, calc_diff < 0.01 with one FP4 operand

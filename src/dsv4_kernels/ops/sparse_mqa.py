@@ -1,6 +1,6 @@
 """Sparse MQA (SPEC 1, 1.2): `sparse_mqa` on a bf16 KV pool and `sparse_mqa_fp8` on the paged FP8 KV
-cache. Also re-exports the SPEC 1.1 index builders (`build_sparse_indices` and its parts): plain
-functions that callers run before the op, not ops themselves.
+cache. Also re-exports the SPEC 1.1 index builders (`build_sparse_indices` and its parts, validated in
+ops/indices.py): plain functions that callers run before the op, not ops themselves.
 
 Bad values (issue 11). Default path: an index outside [0, N) is invalid and contributes nothing (never
 wrapped around: -2 is as empty as -1), a topk_length outside [0, K] is clamped to it; nothing is read
@@ -18,9 +18,8 @@ from dsv4_kernels.ladder import OpCheck, register_check
 from dsv4_kernels.ops import _checks, _values
 from dsv4_kernels.oracles import sparse_mqa as oracle
 from dsv4_kernels.reference.formats import KV_TOKEN_BYTES, quantize_kv_cache_fp8
-from dsv4_kernels.reference.indices import (WINDOW, build_sparse_indices, compact_indices, compressed_indices,
-                                            num_visible_compressed, selected_compressed_indices,
-                                            window_indices)
+from dsv4_kernels.ops.indices import (WINDOW, build_sparse_indices, compact_indices, compressed_indices,
+                                      num_visible_compressed, selected_compressed_indices, window_indices)
 from dsv4_kernels.testing import assert_same_nonfinite, calc_diff
 
 __all__ = ["sparse_mqa", "sparse_mqa_fp8", "validate", "validate_fp8", "index_rules", "HEAD_DIM", "HEAD_COUNTS",
@@ -177,7 +176,7 @@ def sparse_mqa(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, attn_si
     validate(q, kv, indices, attn_sink, softmax_scale, topk_length)
     _values.check(*index_rules(indices, topk_length, kv.shape[0], f"rows of kv, N = {kv.shape[0]}"))
     scale = None if softmax_scale is None else float(softmax_scale)
-    return _sparse_mqa_op(q, kv, indices, attn_sink, scale, topk_length, impl or "")
+    return _sparse_mqa_op(q, kv, indices, attn_sink, scale, topk_length, _checks.impl_name(impl))
 
 
 def sparse_mqa_fp8(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tensor, attn_sink: torch.Tensor,
@@ -214,7 +213,7 @@ def sparse_mqa_fp8(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tenso
     _values.check(*index_rules(indices, topk_length, slots,
                                f"slots of kv_cache, {kv_cache.shape[0]} pages * block_size {block_size}"))
     scale = None if softmax_scale is None else float(softmax_scale)
-    return _sparse_mqa_fp8_op(q, kv_cache, indices, attn_sink, scale, topk_length, int(block_size), impl or "")
+    return _sparse_mqa_fp8_op(q, kv_cache, indices, attn_sink, scale, topk_length, int(block_size), _checks.impl_name(impl))
 
 
 def _pool_case(gen, heads, positions, capacity, topk, compact):
