@@ -7,7 +7,6 @@ d = 512, the FP8 cache store. Ratios 0 and 1 mean "no compression": such layers 
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
@@ -363,8 +362,7 @@ def validate_norm_rope(entries, norm_weight, rope_cos, rope_sin, positions, eps=
     _checks.shape("rope_sin", rope_sin, tuple(rope_cos.shape))
     _checks.tensor("positions", positions, torch.int64, ndim=1)
     _checks.shape("positions", positions, (entries.shape[0],))
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps: expected a finite float >= 0, got {eps!r}")
+    _checks.finite_float("eps", eps, minimum=0)
     _checks.same_device(entries=entries, norm_weight=norm_weight, rope_cos=rope_cos, rope_sin=rope_sin,
                         positions=positions)
 
