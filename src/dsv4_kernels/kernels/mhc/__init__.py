@@ -13,7 +13,8 @@ MIX_ROWS = (2 + HC_MULT) * HC_MULT  # 24: pre gates, post gates, the 4 x 4 comb 
 DIM_MULTIPLE = 256
 MAX_DIM = 8192
 
-__all__ = ["HC_MULT", "MIX_ROWS", "DIM_MULTIPLE", "MAX_DIM", "cdiv", "split_plan", "workspace_shapes",
+__all__ = ["HC_MULT", "MIX_ROWS", "DIM_MULTIPLE", "MAX_DIM", "TAIL_PATHS", "cdiv", "split_plan", "workspace_shapes",
+           "plan_paths", "tail_tokens",
            "supports_mhc_sinkhorn", "supports_mhc_pre", "supports_mhc_post", "supports_mhc_head",
            "supports_mhc_post_pre"]
 
@@ -42,6 +43,53 @@ def workspace_shapes(T: int, dim: int, rows: int, block_t: int, block_d: int,
     """Shapes of the fp32 split-K workspace: partial mixes [splits, T, rows], sums of squares [splits, T]."""
     splits, _ = split_plan(T, dim, block_t, block_d, programs)
     return (splits, T, rows), (splits, T)
+
+
+# The remainder paths of one mix_kernel + out_kernel launch (plan_paths): each is a branch or a mask that
+# only some token counts take, so a test that never reaches it cannot see it broken.
+TAIL_PATHS = (
+    "mix_token_tail",    # the last token block of mix_kernel is partly masked (T % MIX_BLOCK_T != 0)
+    "short_last_split",  # the last split owns fewer tiles than the others (splits * per > tiles)
+    "single_split",      # one split: no split-K, the workspace holds the whole projection
+    "split_sum_tail",    # out_kernel sums the partials in chunks of SPLIT_BLOCK, the last one partial
+    "out_token_tail",    # the last token block of out_kernel is partly masked (T % OUT_BLOCK_T != 0)
+    "out_dim_tail",      # out_kernel's last dim block is partly masked (dim % OUT_BLOCK_D != 0)
+)
+
+
+def plan_paths(T: int, dim: int, cfg: dict) -> frozenset[str]:
+    """The TAIL_PATHS that mhc_pre / mhc_head / mhc_post_pre take at T >= 1 tokens of `dim` under `cfg`
+    (the op's Triton config: MIX_BLOCK_T, MIX_BLOCK_D, MIX_PROGRAMS, SPLIT_BLOCK, OUT_BLOCK_T, OUT_BLOCK_D)."""
+    splits, per = split_plan(T, dim, cfg["MIX_BLOCK_T"], cfg["MIX_BLOCK_D"], cfg["MIX_PROGRAMS"])
+    taken = {
+        "mix_token_tail": T % cfg["MIX_BLOCK_T"] != 0,
+        "short_last_split": splits * per > cdiv(dim, cfg["MIX_BLOCK_D"]),
+        "single_split": splits == 1,
+        "split_sum_tail": splits > cfg["SPLIT_BLOCK"] and splits % cfg["SPLIT_BLOCK"] != 0,
+        "out_token_tail": T % cfg["OUT_BLOCK_T"] != 0,
+        "out_dim_tail": dim % cfg["OUT_BLOCK_D"] != 0,
+    }
+    return frozenset(p for p, hit in taken.items() if hit)
+
+
+def tail_tokens(dim: int, cfg: dict, max_tokens: int) -> dict[str, int]:
+    """{path: the smallest T in [1, max_tokens] that takes it} for every TAIL_PATHS entry some such T
+    takes; paths no T up to max_tokens reaches are left out (the caller asserts what it needs).
+
+    The plan depends on T only through the token-block count n = cdiv(T, MIX_BLOCK_T), so this walks n,
+    not T: within block count n the token counts are (n - 1) * MIX_BLOCK_T + 1 .. n * MIX_BLOCK_T, the
+    smallest of which is the smallest to take that count's split paths; the token-tail paths (T modulo a
+    block size > 1) and out_dim_tail are first taken at T = 1.
+    """
+    bt = cfg["MIX_BLOCK_T"]
+    found: dict[str, int] = {}
+    for n in range(1, cdiv(max_tokens, bt) + 1):
+        T = (n - 1) * bt + 1
+        for path in plan_paths(T, dim, cfg):
+            found.setdefault(path, T)
+        if len(found) == len(TAIL_PATHS):
+            break
+    return {p: found[p] for p in TAIL_PATHS if p in found}
 
 
 def _residual_reason(x) -> str | None:
