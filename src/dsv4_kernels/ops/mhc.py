@@ -113,13 +113,19 @@ def validate_post_pre(f, x, post, comb, hc_fn, hc_scale, hc_base, iters, eps, no
 
 # Triton block sizes per op (compile-time; a tuned table per arch overrides them, see dispatch.config).
 # MIX_*: the split-K projection (tl.dot needs MIX_BLOCK_T >= 16; MIX_PROGRAMS is the grid size the split
-# plan aims at); OUT_*: the gates + Sinkhorn + stream-sum kernel. Chosen for decode and for no register
-# spills on the four targets (codegen); kernels/mhc/README.md explains them.
+# plan aims at; MIX_PRECISION "ieee" = one fp32 dot on the FMA units, "bf16x3" = three bf16 tensor-core
+# dots on hc_fn split into exact bf16 parts); OUT_*: the gates + Sinkhorn + stream-sum kernel. Two
+# phases (kernels.mhc.phase_config): decode below PREFILL_MIN_T tokens, hc_fn-read-bound, keeps the fp32
+# dot over many splits; prefill (each PREFILL_<KEY> replaces <KEY>) is FLOP-bound (5.6 GFLOP at T = 4096,
+# V4-Pro) and runs bf16x3. Chosen for no register spills on the four targets (codegen: bf16x3 at 32 or
+# 64 tokens per block spills on sm_90a, so prefill keeps 16); kernels/mhc/README.md explains them.
+_PREFILL = {"PREFILL_MIN_T": 256, "PREFILL_MIX_PRECISION": "bf16x3", "PREFILL_OUT_BLOCK_T": 8}
 _TWO_STAGE = {"MIX_BLOCK_T": 16, "MIX_BLOCK_D": 32, "MIX_PROGRAMS": 256, "MIX_WARPS": 4, "MIX_STAGES": 2,
-              "OUT_BLOCK_T": 4, "OUT_BLOCK_D": 512, "SPLIT_BLOCK": 16, "OUT_WARPS": 4}
+              "MIX_PRECISION": "ieee", "OUT_BLOCK_T": 4, "OUT_BLOCK_D": 512, "OUT_WARPS": 4,
+              **_PREFILL}
 TRITON_DEFAULTS = {"mhc_sinkhorn": {"BLOCK_T": 32, "num_warps": 4}, "mhc_pre": _TWO_STAGE, "mhc_head": _TWO_STAGE,
                    "mhc_post": {"BLOCK_T": 1, "BLOCK_D": 1024, "num_warps": 4},
-                   "mhc_post_pre": {**_TWO_STAGE, "MIX_BLOCK_D": 16}}
+                   "mhc_post_pre": {**_TWO_STAGE, "MIX_BLOCK_D": 16, "PREFILL_MIX_BLOCK_D": 16}}
 # TileLang block sizes: the same values as kernels/mhc/tilelang.py's DEFAULTS (a test keeps them equal),
 # repeated here so that registering the ops does not import tilelang.
 TILELANG_DEFAULTS = {
