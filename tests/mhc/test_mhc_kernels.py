@@ -201,6 +201,26 @@ def test_both_precisions_meet_spec6_against_the_fp64_oracle(device, precision, m
     _compare_all(out, oracle.mhc_pre(x, *site))
 
 
+def test_batch_invariant_mode_gives_a_token_the_same_bits_in_any_batch(device, monkeypatch):
+    # DSV4K_BATCH_INVARIANT=1: rows of T = 1 calls equal, bit for bit, the same rows of a T = 37 call
+    # (first and last token block, the last partly masked). V4-Flash dim: the default plans differ
+    # there (128 splits at T = 1, 64 at T = 37), so the default mode may give other bits.
+    _triton_runs_on(device)
+    T, dim = 37, MODELS["flash"]
+    cfg = ops.TRITON_DEFAULTS["mhc_pre"]
+    assert contract.launch_plan(1, dim, cfg)[1:] == (128, 1) and contract.launch_plan(T, dim, cfg)[1:] == (64, 2)
+    assert contract.launch_plan(1, dim, cfg, True)[1:] == contract.launch_plan(T, dim, cfg, True)[1:] == (32, 4)
+    monkeypatch.setenv("DSV4K_BATCH_INVARIANT", "1")
+    x, site = _residual(T, dim, device), _site(dim, device=device)
+    batch = ops.mhc_pre(x, *site, impl="triton")
+    for i in (0, T - 1):
+        for one, many in zip(ops.mhc_pre(x[i:i + 1], *site, impl="triton"), batch):
+            assert torch.equal(one.cpu(), many[i:i + 1].cpu()), i
+    monkeypatch.setenv("DSV4K_BATCH_INVARIANT", "yes")
+    with pytest.raises(ValueError, match="DSV4K_BATCH_INVARIANT: expected 0 or 1, got 'yes'"):
+        ops.mhc_pre(x[:1], *site, impl="triton")
+
+
 @pytest.mark.op("mhc_post")
 @pytest.mark.filterwarnings("ignore:invalid value encountered in multiply:RuntimeWarning")  # the NaN input
 def test_bf16_outputs_round_to_nearest_even(impl, device):

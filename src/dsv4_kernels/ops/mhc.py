@@ -119,10 +119,13 @@ def validate_post_pre(f, x, post, comb, hc_fn, hc_scale, hc_base, iters, eps, no
 # dot over many splits; prefill (each PREFILL_<KEY> replaces <KEY>) is FLOP-bound (5.6 GFLOP at T = 4096,
 # V4-Pro) and runs bf16x3. Chosen for no register spills on the four targets (codegen: bf16x3 at 32 or
 # 64 tokens per block spills on sm_90a, so prefill keeps 16); kernels/mhc/README.md explains them.
-_PREFILL = {"PREFILL_MIN_T": 256, "PREFILL_MIX_PRECISION": "bf16x3", "PREFILL_OUT_BLOCK_T": 8}
+# INVARIANT_<KEY>: batch-invariant mode (DSV4K_BATCH_INVARIANT=1): one split plan for every T, the plan
+# of one token block under INVARIANT_MIX_PROGRAMS (V4-Pro: 32 splits of 7 tiles), bf16x3.
+_PHASE_KEYS = {"PREFILL_MIN_T": 256, "PREFILL_MIX_PRECISION": "bf16x3", "PREFILL_OUT_BLOCK_T": 8,
+            "INVARIANT_MIX_PROGRAMS": 32, "INVARIANT_MIX_PRECISION": "bf16x3"}
 _TWO_STAGE = {"MIX_BLOCK_T": 16, "MIX_BLOCK_D": 32, "MIX_PROGRAMS": 256, "MIX_WARPS": 4, "MIX_STAGES": 2,
               "MIX_PRECISION": "ieee", "OUT_BLOCK_T": 4, "OUT_BLOCK_D": 512, "OUT_WARPS": 4,
-              **_PREFILL}
+              **_PHASE_KEYS}
 TRITON_DEFAULTS = {"mhc_sinkhorn": {"BLOCK_T": 32, "num_warps": 4}, "mhc_pre": _TWO_STAGE, "mhc_head": _TWO_STAGE,
                    "mhc_post": {"BLOCK_T": 1, "BLOCK_D": 1024, "num_warps": 4},
                    "mhc_post_pre": {**_TWO_STAGE, "MIX_BLOCK_D": 16, "PREFILL_MIX_BLOCK_D": 16}}
@@ -276,6 +279,11 @@ def mhc_pre(x: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_bas
             mixes = (xf @ hc_fn.T) * rsqrt(mean(xf^2) + norm_eps), xf = x.flatten(-2).float().
     Edge cases: T = 0 gives empty outputs; an all-zero token has mixes 0 (norm_eps keeps the rsqrt
     finite), gates from the biases alone and y = 0.
+    Batch invariance: by default the Triton kernel's split-K plan (and with it the fp32 summation order
+    of the projection) depends on T, so a token's bits may differ between batches (within tolerance).
+    DSV4K_BATCH_INVARIANT=1 (read at every call; also for mhc_head and mhc_post_pre) fixes the plan for
+    every T: a token's y, post and comb bits are then the same whatever batch it is in, at the cost of
+    fewer programs at decode and more split-K workspace at prefill (kernels/mhc/README.md).
     Raises ValueError for a wrong dtype, shape (x.shape[1] != 4, dim = 0, hc_fn not [24, 4 * dim], ...),
     device or layout, iters < 1, or a non-positive or non-finite eps or norm_eps.
     """

@@ -57,7 +57,7 @@ TAIL_PATHS = (
 )
 
 
-PHASES = ("decode", "prefill")
+PHASES = ("decode", "prefill")  # chosen by T; "invariant" (batch-invariant mode) is chosen by the caller
 
 
 def phase_of(T: int, cfg: dict) -> str:
@@ -65,20 +65,30 @@ def phase_of(T: int, cfg: dict) -> str:
     return "prefill" if T >= cfg.get("PREFILL_MIN_T", float("inf")) else "decode"
 
 
+_PREFIXES = ("PREFILL_", "INVARIANT_")
+
+
 def phase_config(cfg: dict, phase: str) -> dict:
-    """The flat config one launch uses: `cfg` without its PREFILL_* keys, and for phase "prefill" each
-    PREFILL_<KEY> given as <KEY> (so a tuned table overrides either phase key by key)."""
-    if phase not in PHASES:
-        raise ValueError(f"phase: expected one of {PHASES}, got {phase!r}")
-    out = {k: v for k, v in cfg.items() if not k.startswith("PREFILL_")}
-    if phase == "prefill":
-        out.update({k[len("PREFILL_"):]: v for k, v in cfg.items() if k.startswith("PREFILL_") and k != "PREFILL_MIN_T"})
+    """The flat config one launch uses: `cfg` without its PREFILL_* and INVARIANT_* keys, and for phase
+    "prefill" (or "invariant") each PREFILL_<KEY> (INVARIANT_<KEY>) given as <KEY>, so a tuned table
+    overrides any phase key by key."""
+    if phase not in (*PHASES, "invariant"):
+        raise ValueError(f"phase: expected one of {(*PHASES, 'invariant')}, got {phase!r}")
+    out = {k: v for k, v in cfg.items() if not k.startswith(_PREFIXES)}
+    if phase != "decode":
+        prefix = f"{phase.upper()}_"
+        out.update({k[len(prefix):]: v for k, v in cfg.items() if k.startswith(prefix) and k != "PREFILL_MIN_T"})
     return out
 
 
-def launch_plan(T: int, dim: int, cfg: dict) -> tuple[dict, int, int]:
-    """(the phase config for T tokens, splits, tiles_per_split): what mhc_pre / mhc_head / mhc_post_pre
-    launch with under the op's config `cfg`."""
+def launch_plan(T: int, dim: int, cfg: dict, invariant: bool = False) -> tuple[dict, int, int]:
+    """(the phase config, splits, tiles_per_split) that mhc_pre / mhc_head / mhc_post_pre launch with at
+    T tokens under the op's config `cfg`. invariant (batch-invariant mode): the "invariant" config and
+    the split plan of one token block, whatever T, so every token's fp32 summation order (hence its
+    bits) is the same in any batch."""
+    if invariant:
+        run = phase_config(cfg, "invariant")
+        return (run, *split_plan(1, dim, run["MIX_BLOCK_T"], run["MIX_BLOCK_D"], run["MIX_PROGRAMS"]))
     run = phase_config(cfg, phase_of(T, cfg))
     return (run, *split_plan(T, dim, run["MIX_BLOCK_T"], run["MIX_BLOCK_D"], run["MIX_PROGRAMS"]))
 

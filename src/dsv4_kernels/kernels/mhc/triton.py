@@ -9,6 +9,8 @@ PREFILL_MIN_T tokens, prefill from there: kernels.mhc.phase_config); README.md h
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -220,12 +222,22 @@ def post_kernel(f_ptr, x_ptr, post_ptr, comb_ptr, out_ptr, T, DIM: tl.constexpr,
 
 
 PRECISIONS = ("ieee", "bf16x3")
+BATCH_INVARIANT_ENV = "DSV4K_BATCH_INVARIANT"
+
+
+def batch_invariant() -> bool:
+    """DSV4K_BATCH_INVARIANT=1, read at every call: mhc_pre / mhc_head / mhc_post_pre use the fixed
+    "invariant" split plan (kernels.mhc.launch_plan), so a token's outputs do not depend on its batch."""
+    value = os.environ.get(BATCH_INVARIANT_ENV, "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{BATCH_INVARIANT_ENV}: expected 0 or 1, got {value!r}")
+    return value == "1"
 
 
 def _config(op: str, x: torch.Tensor) -> dict:
     """The op's config for x's device (both phases), each phase checked."""
     cfg = dispatch.config(dispatch.get(op, "triton"), platform.device_info(x))
-    for phase in PHASES:
+    for phase in (*PHASES, "invariant"):
         run = phase_config(cfg, phase)
         if run.get("MIX_BLOCK_T", 16) < 16:
             raise ValueError(f"{op}/triton ({phase}): MIX_BLOCK_T must be >= 16 (tl.dot), got {run['MIX_BLOCK_T']}")
@@ -248,7 +260,7 @@ def _project(x, hc_fn, rows: int, cfg: dict, post_of=None):
     """mix_kernel: (ws [splits, T, rows], sq [splits, T]) fp32 and the phase config it ran with. post_of =
     (f, post, comb, x_out) fuses mhc_post in front (x_out receives X')."""
     T, _, dim = x.shape
-    run, splits, per = launch_plan(T, dim, cfg)
+    run, splits, per = launch_plan(T, dim, cfg, batch_invariant())
     ws = torch.empty((splits, T, rows), dtype=torch.float32, device=x.device)
     sq = torch.empty((splits, T), dtype=torch.float32, device=x.device)
     f, post, comb, x_out = post_of if post_of is not None else (x, ws, ws, x)
@@ -345,11 +357,11 @@ def _specs(op: str, rows: int, fuse_post: bool, head: bool) -> list:
     from dsv4_kernels.codegen import TritonKernel
     cfg = dispatch.get(op, "triton").defaults
     specs = []
-    for phase in PHASES:
+    for phase in (*PHASES, "invariant"):
         run = phase_config(cfg, phase)
-        first_T = 1 if phase == "decode" else cfg["PREFILL_MIN_T"]
+        first_T = cfg["PREFILL_MIN_T"] if phase == "prefill" else 1
         for dim in CODEGEN_DIMS:
-            most_splits = launch_plan(first_T, dim, cfg)[1]  # the phase's largest split count
+            most_splits = launch_plan(first_T, dim, cfg, phase == "invariant")[1]  # the phase's most splits
             specs.append(TritonKernel(mix_kernel, _MIX_SIG, _mix_constexprs(dim, rows, run, fuse_post, False),
                                       num_warps=run["MIX_WARPS"], num_stages=run["MIX_STAGES"],
                                       label=f"mix-{phase}-dim{dim}"))
