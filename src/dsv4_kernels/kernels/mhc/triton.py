@@ -13,19 +13,10 @@ import triton
 import triton.language as tl
 
 from dsv4_kernels import dispatch, platform
+from dsv4_kernels.kernels._triton_util import FP_FUSION, bf16_rne
 from dsv4_kernels.kernels.mhc import HC_MULT, MIX_ROWS, cdiv, split_plan
 
 CODEGEN_DIMS = (4096, 7168)  # V4-Flash, V4-Pro
-
-
-@triton.jit
-def _bf16_rne(v):
-    # fp32 -> bf16, round to nearest even by integer ops: the interpreter's cast truncates, the GPUs'
-    # cvt rounds; this gives the same bits everywhere. NaN keeps a quiet NaN, overflow rounds to inf.
-    bits = v.to(tl.uint32, bitcast=True)
-    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    out = tl.where(v != v, (bits >> 16) | 0x40, rounded)
-    return out.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit
@@ -140,7 +131,7 @@ def mix_kernel(x_ptr, fn_ptr, ws_ptr, sq_ptr, f_ptr, post_ptr, comb_ptr, xo_ptr,
     for tile in range(first, tl.minimum(first + tiles_per_split, DIM // BLOCK_D)):
         d0 = tile * BLOCK_D
         if FUSE_POST:
-            xb = _bf16_rne(_post_streams(f_ptr, x_ptr, post, c0, c1, c2, c3, t, d0 + dd, mask_t[:, None], DIM))
+            xb = bf16_rne(_post_streams(f_ptr, x_ptr, post, c0, c1, c2, c3, t, d0 + dd, mask_t[:, None], DIM))
             tl.store(xo_ptr + x_offs + d0, xb, mask=mask)
             xt = xb.to(tl.float32)
         else:
@@ -180,7 +171,7 @@ def out_kernel(ws_ptr, sq_ptr, x_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb
     offs = t[:, None, None] * (4 * DIM) + q[None, :, None] * DIM + d[None, None, :]  # [BT, 4, BD]
     xt = tl.load(x_ptr + offs, mask=mask_t[:, None, None] & mask_d[None, None, :], other=0.0).to(tl.float32)
     y = tl.sum(pre[:, :, None] * xt, axis=1)  # y = sum_i pre_i * X[:, i, :]
-    tl.store(y_ptr + t[:, None] * DIM + d[None, :], _bf16_rne(y), mask=mask_t[:, None] & mask_d[None, :])
+    tl.store(y_ptr + t[:, None] * DIM + d[None, :], bf16_rne(y), mask=mask_t[:, None] & mask_d[None, :])
 
 
 @triton.jit
@@ -195,7 +186,7 @@ def post_kernel(f_ptr, x_ptr, post_ptr, comb_ptr, out_ptr, T, DIM: tl.constexpr,
     post, c0, c1, c2, c3 = _load_post_inputs(post_ptr, comb_ptr, t, mask_t)
     xt = _post_streams(f_ptr, x_ptr, post, c0, c1, c2, c3, t, d, mask_t[:, None] & mask_d[None, :], DIM)
     offs = t[:, None, None] * (4 * DIM) + q[None, :, None] * DIM + d[None, None, :]
-    tl.store(out_ptr + offs, _bf16_rne(xt), mask=mask_t[:, None, None] & mask_d[None, None, :])
+    tl.store(out_ptr + offs, bf16_rne(xt), mask=mask_t[:, None, None] & mask_d[None, None, :])
 
 
 def _config(op: str, x: torch.Tensor) -> dict:
@@ -219,7 +210,7 @@ def _project(x, hc_fn, rows: int, cfg: dict, post_of=None):
     mix_kernel[grid](x, hc_fn, ws, sq, f, post, comb, x_out, T, per, DIM=dim, ROWS=rows,
                      ROWS_PAD=max(16, triton.next_power_of_2(rows)), FUSE_POST=post_of is not None,
                      BLOCK_T=cfg["MIX_BLOCK_T"], BLOCK_D=cfg["MIX_BLOCK_D"], num_warps=cfg["MIX_WARPS"],
-                     num_stages=cfg["MIX_STAGES"])
+                     num_stages=cfg["MIX_STAGES"], enable_fp_fusion=FP_FUSION)
     return ws, sq
 
 
@@ -229,7 +220,7 @@ def _finish(ws, sq, x, hc_scale, hc_base, y, post, comb, iters: int, eps: float,
     grid = (cdiv(T, cfg["OUT_BLOCK_T"]), cdiv(dim, cfg["OUT_BLOCK_D"]))
     out_kernel[grid](ws, sq, x, hc_scale, hc_base, y, post, comb, T, ws.shape[0], iters, eps, norm_eps, DIM=dim,
                      HEAD=head, BLOCK_T=cfg["OUT_BLOCK_T"], BLOCK_D=cfg["OUT_BLOCK_D"],
-                     SPLIT_BLOCK=cfg["SPLIT_BLOCK"], num_warps=cfg["OUT_WARPS"])
+                     SPLIT_BLOCK=cfg["SPLIT_BLOCK"], num_warps=cfg["OUT_WARPS"], enable_fp_fusion=FP_FUSION)
 
 
 def _gates_like(x: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,7 +236,8 @@ def mhc_sinkhorn(mixes, hc_scale, hc_base, hc_mult=4, iters=20, eps=1e-6):
         return pre, post, comb
     cfg = _config("mhc_sinkhorn", mixes)
     sinkhorn_kernel[(cdiv(T, cfg["BLOCK_T"]),)](mixes, hc_scale, hc_base, pre, post, comb, T, iters, eps,
-                                               BLOCK_T=cfg["BLOCK_T"], num_warps=cfg["num_warps"])
+                                               BLOCK_T=cfg["BLOCK_T"], num_warps=cfg["num_warps"],
+                                               enable_fp_fusion=FP_FUSION)
     return pre, post, comb
 
 
@@ -280,7 +272,7 @@ def mhc_post(f, x, post, comb):
     cfg = _config("mhc_post", x)
     grid = (cdiv(T, cfg["BLOCK_T"]), cdiv(dim, cfg["BLOCK_D"]))
     post_kernel[grid](f, x, post, comb, out, T, DIM=dim, BLOCK_T=cfg["BLOCK_T"], BLOCK_D=cfg["BLOCK_D"],
-                      num_warps=cfg["num_warps"])
+                      num_warps=cfg["num_warps"], enable_fp_fusion=FP_FUSION)
     return out
 
 

@@ -30,5 +30,6 @@ def codegen(target) -> list:
     from dsv4_kernels.codegen import TritonKernel
     cfg = dispatch.get("sigmoid_gate", "triton").defaults
     return [TritonKernel(sigmoid_gate_kernel, {"x_ptr": f"*{t}", "g_ptr": f"*{t}", "out_ptr": f"*{t}", "n": "i64"},
-                         {"BLOCK": cfg["BLOCK"]}, num_warps=cfg["num_warps"], label=t)
+                         {"BLOCK": cfg["BLOCK"]}, num_warps=cfg["num_warps"], label=t,
+                         expects={"vector_loads": None})  # the mask on n vectorises only where n % 16 == 0
             for t in ("bf16", "fp32")]
