@@ -2,11 +2,12 @@
 
     python -m dsv4_kernels.bench.host [--calls N] [--impl reference]
 
-Times, per call (the fastest of 7 runs of N calls: the least disturbed by other work): the public op (validation, torch.library, dispatcher,
-implementation), dispatch.call (dispatcher and implementation), dispatch.select (the selection alone),
-and the implementation called directly. Public op minus direct call is the host overhead the dispatcher
-and validation add in front of a kernel launch; on a GPU the launch itself comes on top. The inputs are
-small (T = 1, dim 256; sigmoid_gate: the demo op, one multiply) so that the implementation's own work stays small.
+Times, per call (the fastest of 7 runs of N calls: the least disturbed by other work): the public op
+(validation, torch.library, dispatcher, implementation), dispatch.call (dispatcher and implementation),
+dispatch.select (the selection alone, impl= named and automatic), the cached selection a repeated call
+pays (dispatch.selection), and the implementation called directly. Public op minus direct call is the
+host overhead in front of a kernel launch; on a GPU the launch itself comes on top. The inputs are small
+(T = 1, dim 256; sigmoid_gate: the demo op, one multiply) so that the implementation's work stays small.
 """
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ def _cases(device: torch.device) -> dict[str, tuple[tuple, dict]]:
 
 
 def measure(impl: str = "reference", calls: int = 2000, device: str = "cpu") -> list[dict]:
-    """One row per op: us per call of the public op, dispatch.call, dispatch.select and the direct call."""
+    """One row per op: us per call of the public op, dispatch.call, dispatch.select (impl= named and
+    automatic), the cached selection and the direct call; overhead_us = public - direct."""
     import dsv4_kernels
     from dsv4_kernels import dispatch
     rows = []
@@ -53,6 +55,8 @@ def measure(impl: str = "reference", calls: int = 2000, device: str = "cpu") -> 
                "dispatch_call_us": per_call_us(lambda: dispatch.call(op, *args, impl=impl, **kwargs), calls),
                "select_us": per_call_us(lambda: dispatch.select(op, args, kwargs, impl=impl), calls),
                "select_auto_us": per_call_us(lambda: dispatch.select(op, args, kwargs), calls),
+               "cached_us": (per_call_us(lambda: dispatch.selection(op, args, kwargs), calls)
+                             if hasattr(dispatch, "selection") else float("nan")),
                "direct_us": per_call_us(lambda: direct(*args, **kwargs), calls)}
         row["overhead_us"] = row["public_us"] - row["direct_us"]
         rows.append(row)
@@ -64,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calls", type=int, default=2000)
     p.add_argument("--impl", default="reference")
     args = p.parse_args(argv)
-    cols = ("public_us", "dispatch_call_us", "select_us", "select_auto_us", "direct_us", "overhead_us")
+    cols = ("public_us", "dispatch_call_us", "select_us", "select_auto_us", "cached_us", "direct_us", "overhead_us")
     print(f"{'op':<13} " + " ".join(f"{c:>16}" for c in cols))
     for row in measure(args.impl, args.calls):
         print(f"{row['op']:<13} " + " ".join(f"{row[c]:>16.1f}" for c in cols))
