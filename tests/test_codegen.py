@@ -163,6 +163,9 @@ def test_ladder_labels_binary_and_source_levels_and_fails_a_broken_claim():
     recs = ladder.codegen_level_records("op", impl, target, _result("hip-source", None, note="needs hipcc"))
     assert [(r.level, r.status, r.reason) for r in recs] == [
         ("codegen-source", "pass", "k: hip-source [needs hipcc]"), ("codegen-binary", "skip", "needs hipcc")]
+    ok = {"no_local": {"expected": True, "ok": True, "evidence": "no local memory or scratch"}}
+    recs = ladder.codegen_level_records("op", impl, target, _result("amdgcn", "hsaco", ok))
+    assert recs[0].reason == "k: amdgcn+hsaco claims held: no_local=True"
     recs = ladder.codegen_level_records("op", impl, target, _result("amdgcn", "hsaco"))
     assert [(r.level, r.status) for r in recs] == [("codegen-binary", "pass")]
     broken = {"vector_loads": {"expected": True, "ok": False, "evidence": "widest global load 4 B per thread"}}

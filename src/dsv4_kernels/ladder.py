@@ -163,7 +163,9 @@ def _summary(artifacts: list) -> str:
         res = ", ".join(f"{k} {v}" for k, v in a.resources.items() if k != "note")
         note = a.resources.get("note")
         what = a.kind + (f"+{a.binary_kind}" if a.binary_kind else "")
-        parts.append(f"{a.label}: {what}" + (f" ({res})" if res else "") + (f" [{note}]" if note else ""))
+        claims = ", ".join(f"{k}={c['expected']}" for k, c in a.claims.items())
+        parts.append(f"{a.label}: {what}" + (f" ({res})" if res else "") + (f" [{note}]" if note else "")
+                     + (f" claims held: {claims}" if claims else ""))
     return "; ".join(parts)
 
 
