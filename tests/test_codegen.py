@@ -174,3 +174,54 @@ def test_ladder_labels_binary_and_source_levels_and_fails_a_broken_claim():
     assert "vector_loads: expected True, widest global load 4 B" in recs[0].reason
     recs = ladder.codegen_level_records("op", impl, target, {"ok": False, "error": "CompilationError: x"})
     assert [(r.level, r.status, r.reason) for r in recs] == [("codegen-source", "fail", "CompilationError: x")]
+
+
+_JIT_SPEC = """
+import json
+import torch
+import dsv4_kernels
+from dsv4_kernels import dispatch
+from dsv4_kernels.codegen import targets_for
+from dsv4_kernels.kernels._triton_util import compile_options, pointer_attrs
+from triton.backends.compiler import GPUTarget
+from triton.compiler import make_backend
+from triton.runtime.jit import create_function_from_signature
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "u8": torch.uint8,
+          "i8": torch.int8, "i32": torch.int32, "i64": torch.int64, "fp8e4nv": torch.float8_e4m3fn}
+VALUES = {"i32": 5, "i64": 2**31 + 5, "fp32": 0.5}  # the general case: not 1, not a multiple of 16
+mismatches, checked = [], 0
+for op in dispatch.ops():
+    for impl in dispatch.implementations(op):
+        if impl.language != "triton":
+            continue
+        for target in targets_for(impl):
+            backend = make_backend(GPUTarget(*target.triton))
+            for spec in impl.codegen_specs(target):
+                fn = spec.fn
+                args = {name: torch.empty(64, dtype=DTYPES[ty[1:]]) if ty.startswith("*") else VALUES[ty]
+                        for name, ty in spec.signature.items()}
+                binder = create_function_from_signature(fn.signature, fn.params, backend)
+                bound, specialization, _ = binder(**args, **spec.constexprs)
+                launch = compile_options(spec.num_warps, spec.num_stages)
+                _, sig, constexprs, attrs = fn._pack_args(backend, launch, bound, specialization, None)
+                got = ({k: v for k, v in sig.items() if v != "constexpr"}, {k: v for k, v in attrs.items() if v},
+                       {fn.arg_names[k[0]]: v for k, v in constexprs.items()})
+                want = (spec.signature, pointer_attrs(fn, spec.signature, GPUTarget(*target.triton)), spec.constexprs)
+                checked += 1
+                if got != want:
+                    mismatches.append(f"{op}/{impl.name}/{target.name}/{spec.label}: JIT {got!r} codegen {want!r}")
+print(json.dumps({"checked": checked, "mismatches": mismatches}))
+"""
+
+
+def test_codegen_compiles_the_specialisation_the_jit_launches():
+    """For 16-byte aligned tensors below 2 GiB and general scalars (not 1, not a multiple of 16), the JIT's
+    own binder (triton.runtime.jit) derives the signature, pointer hints (on ROCm with the buffer-load
+    pointer range) and constants that codegen compiles: every Triton spec, every target."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _JIT_SPEC], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["checked"] >= 20 and not out["mismatches"], out["mismatches"]

@@ -252,9 +252,10 @@ def _compile_triton(spec: TritonKernel, target) -> tuple[str, str, str, bytes, d
     from dsv4_kernels.kernels._triton_util import compile_options, pointer_attrs
     if not isinstance(spec.fn, triton.runtime.JITFunction):
         raise RuntimeError("Triton kernels were imported under TRITON_INTERPRET=1; compile in a clean process")
+    gpu = GPUTarget(*target.triton)
     src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs,
-                    attrs=pointer_attrs(spec.fn, spec.signature))
-    compiled = triton.compile(src, target=GPUTarget(*target.triton),
+                    attrs=pointer_attrs(spec.fn, spec.signature, gpu))
+    compiled = triton.compile(src, target=gpu,
                               options=compile_options(spec.num_warps, spec.num_stages))
     meta = {"num_warps": compiled.metadata.num_warps, "shared_bytes": compiled.metadata.shared}
     if target.backend == "cuda":

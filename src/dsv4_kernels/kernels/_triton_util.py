@@ -30,10 +30,28 @@ def compile_options(num_warps: int, num_stages: int) -> dict:
     return {"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": FP_FUSION}
 
 
-def pointer_attrs(fn, signature: dict[str, str]) -> dict[tuple[int], list]:
-    """ASTSource attrs for a @triton.jit fn: {(index of a pointer argument in fn.arg_names,):
-    [["tt.divisibility", 16]]}, the hint the JIT gives every 16-byte aligned pointer at launch."""
-    return {(fn.arg_names.index(name),): [["tt.divisibility", 16]]
+def _pointer_hints(target) -> list:
+    """The attributes the JIT gives a 16-byte aligned tensor smaller than 2 GiB on `target` (a GPUTarget),
+    asked from Triton's own backend: tt.divisibility 16 everywhere; on ROCm also tt.pointer_range 32
+    (buffer loads and stores), which the HIP backend adds for tensors within 2 GiB."""
+    import torch
+    from triton.compiler import make_backend
+    backend = make_backend(target)
+    probe = torch.empty(16, dtype=torch.float32)  # CPU storage: aligned, far below 2 GiB
+    try:
+        desc = backend.get_tensor_specialization(probe, align=True)
+        return backend.parse_attr(desc)
+    except AttributeError:  # a Triton without these hooks: the divisibility hint it has always given
+        return [["tt.divisibility", 16]]
+
+
+def pointer_attrs(fn, signature: dict[str, str], target=None) -> dict[tuple[int], list]:
+    """ASTSource attrs for a @triton.jit fn: {(index of a pointer argument in fn.arg_names,): hints}, the
+    hints the JIT gives every 16-byte aligned tensor below 2 GiB at launch on `target` (a GPUTarget; None:
+    the divisibility hint alone). A tensor of 2 GiB or more on ROCm, or an unaligned view, is launched
+    with another specialisation that codegen does not compile."""
+    hints = _pointer_hints(target) if target is not None else [["tt.divisibility", 16]]
+    return {(fn.arg_names.index(name),): [list(h) for h in hints]
             for name, ty in signature.items() if ty.startswith("*")}
 
 
