@@ -2,6 +2,8 @@
 the shape contract (supports() refusals and their reasons), the split-K plan and its workspace, bf16
 rounding, one decode layer step chained through all ops at V4-Flash and V4-Pro sizes, hypothesis cases,
 and the full-shape device tests (prefill T = 4096, decode T <= 8) that run under --backend=cuda|rocm.
+Every test runs with guard bands (tests/conftest.py): output and workspace buffers sit between canary
+bytes, so a store past a mask fails the test that made it, naming the buffer and the offset.
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ from dsv4_kernels.kernels import mhc as contract
 from dsv4_kernels.ops import mhc as ops
 from dsv4_kernels.oracles import mhc as oracle
 from dsv4_kernels.reference import mhc as reference
+
+pytestmark = pytest.mark.guard_bands
 
 MODELS = {"flash": 4096, "pro": 7168}
 KERNELS = ("triton", "tilelang")

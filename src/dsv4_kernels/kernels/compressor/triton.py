@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from dsv4_kernels import dispatch, platform
-from dsv4_kernels.kernels.mhc.triton import _bf16_rne
+from dsv4_kernels.kernels._triton_util import FP_FUSION, bf16_rne
 
 ROPE_PAIRS = 32
 
@@ -51,14 +51,14 @@ def _pool(state_kv, state_sc, base, cur_kv, cur_sc, d, NROWS: tl.constexpr, HALF
 def _norm_rope(x, w_ptr, cos_ptr, sin_ptr, pos, eps, d, D: tl.constexpr):
     # [D] fp32 -> [D] bf16: y = bf16(x * rsqrt(mean(x^2) + eps) * w); pairs (y[2i], y[2i+1]) of the last 64
     # dims rotated by the angle at pos in fp32 on the bf16 values, rounded to bf16
-    y = _bf16_rne(x * tl.math.rsqrt(tl.sum(x * x, axis=0) / D + eps) * tl.load(w_ptr + d)).to(tl.float32)
+    y = bf16_rne(x * tl.math.rsqrt(tl.sum(x * x, axis=0) / D + eps) * tl.load(w_ptr + d)).to(tl.float32)
     even, odd = tl.split(tl.reshape(y, (D // 2, 2)))                              # [D/2] each
     i = tl.arange(0, D // 2) - (D // 2 - 32)                                      # pair index in the rope dims
     rope = i >= 0
     c = tl.load(cos_ptr + pos * 32 + i, mask=rope, other=1.0)
     s = tl.load(sin_ptr + pos * 32 + i, mask=rope, other=0.0)
     out = tl.reshape(tl.join(even * c - odd * s, even * s + odd * c), (D,))
-    return tl.where(tl.reshape(tl.join(rope, rope), (D,)), _bf16_rne(out), _bf16_rne(y))
+    return tl.where(tl.reshape(tl.join(rope, rope), (D,)), bf16_rne(out), bf16_rne(y))
 
 
 @triton.jit
@@ -131,7 +131,7 @@ def compressor_decode(kv_state, score_state, kv, score, ape, positions, ratio, s
         entries, emitted.view(torch.int8), norm_weight if fused else dummy, rope_cos if fused else dummy,
         rope_sin if fused else dummy, kv_state.shape[0], rope_cos.shape[0] if fused else 0, 1e-6,
         R=ratio, COFF=coff, D=d, HAS_SLOTS=slot_ids is not None, FUSED=fused, ROW_CHUNK=cfg["ROW_CHUNK"],
-        num_warps=cfg["num_warps"])
+        num_warps=cfg["num_warps"], enable_fp_fusion=FP_FUSION)
     return entries, emitted
 
 

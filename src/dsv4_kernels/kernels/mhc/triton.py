@@ -16,19 +16,10 @@ import triton
 import triton.language as tl
 
 from dsv4_kernels import dispatch, platform, toolchains
+from dsv4_kernels.kernels._triton_util import FP_FUSION, bf16_rne
 from dsv4_kernels.kernels.mhc import HC_MULT, MIX_ROWS, PHASES, cdiv, launch_plan, phase_config
 
 CODEGEN_DIMS = (4096, 7168)  # V4-Flash, V4-Pro
-
-
-@triton.jit
-def _bf16_rne(v):
-    # fp32 -> bf16, round to nearest even by integer ops: the interpreter's cast truncates, the GPUs'
-    # cvt rounds; this gives the same bits everywhere. NaN keeps a quiet NaN, overflow rounds to inf.
-    bits = v.to(tl.uint32, bitcast=True)
-    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    out = tl.where(v != v, (bits >> 16) | 0x40, rounded)
-    return out.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit
@@ -161,7 +152,7 @@ def mix_kernel(x_ptr, fn_ptr, ws_ptr, sq_ptr, f_ptr, post_ptr, comb_ptr, xo_ptr,
     for tile in range(first, tl.minimum(first + tiles_per_split, DIM // BLOCK_D)):
         d0 = tile * BLOCK_D
         if FUSE_POST:
-            xb = _bf16_rne(_post_streams(f_ptr, x_ptr, post, c0, c1, c2, c3, t, d0 + dd, mask_t[:, None], DIM))
+            xb = bf16_rne(_post_streams(f_ptr, x_ptr, post, c0, c1, c2, c3, t, d0 + dd, mask_t[:, None], DIM))
             tl.store(xo_ptr + x_offs + d0, xb, mask=mask)
         else:
             xb = tl.load(x_ptr + x_offs + d0, mask=mask, other=0.0)
@@ -203,7 +194,7 @@ def out_kernel(ws_ptr, sq_ptr, x_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb
     offs = t[:, None, None] * (4 * DIM) + q[None, :, None] * DIM + d[None, None, :]  # [BT, 4, BD]
     xt = tl.load(x_ptr + offs, mask=mask_t[:, None, None] & mask_d[None, None, :], other=0.0).to(tl.float32)
     y = tl.sum(pre[:, :, None] * xt, axis=1)  # y = sum_i pre_i * X[:, i, :]
-    tl.store(y_ptr + t[:, None] * DIM + d[None, :], _bf16_rne(y), mask=mask_t[:, None] & mask_d[None, :])
+    tl.store(y_ptr + t[:, None] * DIM + d[None, :], bf16_rne(y), mask=mask_t[:, None] & mask_d[None, :])
 
 
 @triton.jit
@@ -218,7 +209,7 @@ def post_kernel(f_ptr, x_ptr, post_ptr, comb_ptr, out_ptr, T, DIM: tl.constexpr,
     post, c0, c1, c2, c3 = _load_post_inputs(post_ptr, comb_ptr, t, mask_t)
     xt = _post_streams(f_ptr, x_ptr, post, c0, c1, c2, c3, t, d, mask_t[:, None] & mask_d[None, :], DIM)
     offs = t[:, None, None] * (4 * DIM) + q[None, :, None] * DIM + d[None, None, :]
-    tl.store(out_ptr + offs, _bf16_rne(xt), mask=mask_t[:, None, None] & mask_d[None, None, :])
+    tl.store(out_ptr + offs, bf16_rne(xt), mask=mask_t[:, None, None] & mask_d[None, None, :])
 
 
 PRECISIONS = ("ieee", "bf16x3")
@@ -267,7 +258,7 @@ def _project(x, hc_fn, rows: int, cfg: dict, post_of=None):
     grid = (cdiv(T, run["MIX_BLOCK_T"]), splits)
     mix_kernel[grid](x, hc_fn, ws, sq, f, post, comb, x_out, T, per,
                      **_mix_constexprs(dim, rows, run, post_of is not None, toolchains.interpreter_active()),
-                     num_warps=run["MIX_WARPS"], num_stages=run["MIX_STAGES"])
+                     num_warps=run["MIX_WARPS"], num_stages=run["MIX_STAGES"], enable_fp_fusion=FP_FUSION)
     return ws, sq, run
 
 
@@ -277,7 +268,8 @@ def _finish(ws, sq, x, hc_scale, hc_base, y, post, comb, iters: int, eps: float,
     grid = (cdiv(T, run["OUT_BLOCK_T"]), cdiv(dim, run["OUT_BLOCK_D"]))
     out_kernel[grid](ws, sq, x, hc_scale, hc_base, y, post, comb, T, ws.shape[0], iters, eps, norm_eps, DIM=dim,
                      HEAD=head, BLOCK_T=run["OUT_BLOCK_T"], BLOCK_D=run["OUT_BLOCK_D"],
-                     SPLITS_POW2=triton.next_power_of_2(ws.shape[0]), num_warps=run["OUT_WARPS"])
+                     SPLITS_POW2=triton.next_power_of_2(ws.shape[0]), num_warps=run["OUT_WARPS"],
+                     enable_fp_fusion=FP_FUSION)
 
 
 def _gates_like(x: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -293,7 +285,8 @@ def mhc_sinkhorn(mixes, hc_scale, hc_base, hc_mult=4, iters=20, eps=1e-6):
         return pre, post, comb
     cfg = _config("mhc_sinkhorn", mixes)
     sinkhorn_kernel[(cdiv(T, cfg["BLOCK_T"]),)](mixes, hc_scale, hc_base, pre, post, comb, T, iters, eps,
-                                               BLOCK_T=cfg["BLOCK_T"], num_warps=cfg["num_warps"])
+                                               BLOCK_T=cfg["BLOCK_T"], num_warps=cfg["num_warps"],
+                                               enable_fp_fusion=FP_FUSION)
     return pre, post, comb
 
 
@@ -328,7 +321,7 @@ def mhc_post(f, x, post, comb):
     cfg = _config("mhc_post", x)
     grid = (cdiv(T, cfg["BLOCK_T"]), cdiv(dim, cfg["BLOCK_D"]))
     post_kernel[grid](f, x, post, comb, out, T, DIM=dim, BLOCK_T=cfg["BLOCK_T"], BLOCK_D=cfg["BLOCK_D"],
-                      num_warps=cfg["num_warps"])
+                      num_warps=cfg["num_warps"], enable_fp_fusion=FP_FUSION)
     return out
 
 
@@ -362,9 +355,12 @@ def _specs(op: str, rows: int, fuse_post: bool, head: bool) -> list:
         first_T = cfg["PREFILL_MIN_T"] if phase == "prefill" else 1
         for dim in CODEGEN_DIMS:
             most_splits = launch_plan(first_T, dim, cfg, phase == "invariant")[1]  # the phase's most splits
+            # The ieee phase must compile without tensor-core instructions, bf16x3 with them (its point).
+            tensor_cores = run.get("MIX_PRECISION", "ieee") == "bf16x3"
             specs.append(TritonKernel(mix_kernel, _MIX_SIG, _mix_constexprs(dim, rows, run, fuse_post, False),
                                       num_warps=run["MIX_WARPS"], num_stages=run["MIX_STAGES"],
-                                      label=f"mix-{phase}-dim{dim}"))
+                                      label=f"mix-{phase}-dim{dim}",
+                                      expects={"reduced_precision_mma": tensor_cores}))
             specs.append(TritonKernel(out_kernel, _OUT_SIG, {
                 "DIM": dim, "HEAD": head, "BLOCK_T": run["OUT_BLOCK_T"], "BLOCK_D": run["OUT_BLOCK_D"],
                 "SPLITS_POW2": triton.next_power_of_2(most_splits)}, num_warps=run["OUT_WARPS"],

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from dsv4_kernels import dispatch, platform
+from dsv4_kernels.kernels._triton_util import FP_FUSION
 
 CODEGEN_EXPERTS = (256, 384)  # V4-Flash, V4-Pro
 SUM_EPS = tl.constexpr(1e-20)  # a global a @triton.jit function reads must be a constexpr
@@ -137,7 +138,8 @@ def score_topk(router_logits, bias, topk=6, routed_scaling_factor=1.0, num_fused
     score_kernel[(triton.cdiv(T, cfg["BLOCK_T"]),)](
         router_logits, bias, weights, ids, T, float(routed_scaling_factor), E=E, E_PAD=e_pad, TOPK=topk,
         K_PAD=k_pad, SHARED=num_fused_shared_experts, RENORMALIZE=renormalize,
-        APPLY_RSF=apply_routed_scaling_factor_on_output, BLOCK_T=cfg["BLOCK_T"], num_warps=cfg["num_warps"])
+        APPLY_RSF=apply_routed_scaling_factor_on_output, BLOCK_T=cfg["BLOCK_T"], num_warps=cfg["num_warps"],
+        enable_fp_fusion=FP_FUSION)
     return weights, ids
 
 
@@ -154,7 +156,8 @@ def hash_topk(router_logits, input_ids, tid2eid, num_fused_shared_experts=0, rou
     hash_kernel[(triton.cdiv(T, cfg["BLOCK_T"]),)](
         router_logits, input_ids, tid2eid, weights, ids, T, tid2eid.shape[0], float(routed_scaling_factor), E=E,
         TOPK=topk, K_PAD=k_pad, SHARED=num_fused_shared_experts,
-        APPLY_RSF=apply_routed_scaling_factor_on_output, BLOCK_T=cfg["BLOCK_T"], num_warps=cfg["num_warps"])
+        APPLY_RSF=apply_routed_scaling_factor_on_output, BLOCK_T=cfg["BLOCK_T"], num_warps=cfg["num_warps"],
+        enable_fp_fusion=FP_FUSION)
     return weights, ids
 
 
