@@ -12,6 +12,7 @@ from dsv4_kernels.reference import compressor as ref
 from dsv4_kernels.reference.transforms import rope_tables
 
 TOKEN_BYTES = 584
+pytestmark = pytest.mark.guard_bands  # outputs between canary bands: a store past the last row fails here
 BLOCK = 4
 PAGES = 2
 ROPE_ROWS = 400

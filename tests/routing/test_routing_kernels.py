@@ -14,6 +14,7 @@ from dsv4_kernels.reference.routing import sqrt_softplus
 from dsv4_kernels.testing import assert_close
 
 W_ATOL, W_RTOL = 1e-12, 1e-6  # as ops/routing.py: fp32 softplus/sqrt and normaliser, a few 1e-7
+pytestmark = pytest.mark.guard_bands  # outputs between canary bands: a store past a tail fails here
 
 
 def _assert_same_routing(got, want, what=""):
