@@ -231,6 +231,38 @@ def test_decode_matches_reference(impl, device, ratio, d):
 
 
 @pytest.mark.op("compressor_decode")
+def test_decode_fp8_cache_bytes_at_the_edges_of_e4m3(impl, device, require_supported):
+    """Cache bytes equal the reference's where e4m3fn is hardest: tiles whose small values fall to
+    subnormal codes (below 2^-6 of the scale), a tile at the 1e-4 scale floor, and a NaN tile."""
+    ratio, d, block = 4, 512, 16
+    kv_state, score_state, kv, score, ape = _prefilled_states(ratio, d, (3, 7), None, 2, "cpu")
+    weight = torch.ones(d)
+    weight[:64:2] = 1e-5          # tile 0: half its values ~2^-17 of the others: subnormal codes
+    weight[64:128] = 1e-6         # tile 1: amax / 448 below 1e-4: the scale floor
+    kv[1, :d] = kv[1, :d] * 0     # row 1's first-half channels pool to (almost) nothing: still finite
+    weight[128:192] = float("nan")  # tile 2: NaN (weight NaN -> entries NaN there)
+    cos, sin = _tables()
+    pages = torch.randint(0, 256, (2, block * TOKEN_BYTES), dtype=torch.uint8)
+    cache_slots = torch.tensor([17, 2])
+    positions = torch.tensor([3, 7])
+    args = lambda dev, pg: (kv.to(dev), score.to(dev), ape.to(dev), positions.to(dev), ratio, None, weight.to(dev),
+                            cos.to(dev), sin.to(dev), pg, block, cache_slots.to(dev))
+    states = (kv_state.clone().to(device), score_state.clone().to(device))
+    got_pages = pages.clone().to(device)
+    require_supported("compressor_decode", impl, *states, *args(device, got_pages))
+    out = ops.compressor_decode(*states, *args(device, got_pages), impl=impl)
+    want_pages = pages.clone()
+    want = ref.compressor_decode(kv_state.clone(), score_state.clone(), *args("cpu", want_pages))
+    _compare("compressor_decode", out[0].cpu(), want[0])
+    assert torch.equal(got_pages.cpu(), want_pages)
+    data = want_pages[:, :block * 576].view(2, block, 576)
+    scales = want_pages[:, block * 576:].view(2, block, 8)
+    codes = data[1, 1, :64] & 0x7F
+    assert ((codes > 0) & (codes < 8)).any(), "the test must reach subnormal e4m3 codes"
+    assert scales[1, 1, 1].item() == 127 - 13 and scales[1, 1, 2].item() == 255  # 2^-13 >= 1e-4; NaN tile
+
+
+@pytest.mark.op("compressor_decode")
 @pytest.mark.parametrize("ratio", RATIOS)
 @pytest.mark.parametrize("d", WIDTHS)
 def test_decode_fused_norm_rope(impl, device, ratio, d):

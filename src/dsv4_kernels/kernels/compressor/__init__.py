@@ -10,8 +10,8 @@ __all__ = ["supports_compressor_decode"]
 def supports_compressor_decode(kv_state, score_state, kv, score, ape, positions, ratio, slot_ids=None,
                                norm_weight=None, rope_cos=None, rope_sin=None, kv_cache=None, cache_block_size=64,
                                cache_slots=None) -> str | None:
-    if kv_cache is not None:
-        return "the FP8 cache store (kv_cache) is not fused into the decode kernel yet (issue 13)"
+    if kv_cache is not None and not (kv_cache.is_contiguous() and cache_slots.is_contiguous()):
+        return "kv_cache and cache_slots must be contiguous"
     for name, t in (("kv_state", kv_state), ("score_state", score_state), ("kv", kv), ("score", score),
                     ("ape", ape)):
         if t.dtype != torch.float32 or not t.is_contiguous():
