@@ -34,12 +34,18 @@ CODEGEN_LEVELS = ("codegen-source", "codegen-binary")
 @dataclass(frozen=True)
 class OpCheck:
     """How the ladder checks one op: sample cases on a device, the comparison, and for the reference
-    an independent oracle (a differently written fp64 formula), or None when the op has none."""
+    an independent oracle (a differently written fp64 formula), or None when the op has none.
+
+    compare: one comparison (actual, expected) for every output, or a tuple of them, one per output in
+    order (an op whose outputs differ in kind: compressor_prefill's entries and exact states)."""
 
     op: str
     cases: Callable[[torch.device], list[tuple[str, tuple, dict]]]
-    compare: Callable[[torch.Tensor, torch.Tensor], None]
+    compare: Callable[[torch.Tensor, torch.Tensor], None] | tuple[Callable[[torch.Tensor, torch.Tensor], None], ...]
     oracle: Callable | None = None
+
+    def comparison(self, index: int) -> Callable[[torch.Tensor, torch.Tensor], None]:
+        return self.compare[index] if isinstance(self.compare, tuple) else self.compare
 
 
 _CHECKS: dict[str, OpCheck] = {}
@@ -105,7 +111,7 @@ def run_cases(op: str, impl_name: str, device: torch.device) -> str:
             expected = _outputs(dispatch.get(op, "reference")(*cpu_args, **cpu_kwargs))
         for i, (o, e) in enumerate(zip(out, expected)):
             try:
-                check.compare(o.cpu(), e)
+                check.comparison(i)(o.cpu(), e)
             except AssertionError as exc:
                 raise AssertionError(f"case {label}, output {i}: {exc}") from None
         labels.append(label)

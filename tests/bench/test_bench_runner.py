@@ -154,5 +154,7 @@ def test_real_op_case_runs_and_checks_against_the_reference():
     rows = runner.run_case(case, runner.Options(torch.device("cpu"), impls=("reference",), settings=FAST),
                            {"chip": CPU.name, "device_name": "test"})
     ref = next(r for r in rows if r["impl"] == "reference")
-    assert ref["status"] == "measured" and ref["correct"] is True and ref["dispatched"] == "reference"
+    # "dispatched": what automatic selection picks for these arguments (the Triton decode kernel, through
+    # the interpreter under pytest), recorded on every row of the case.
+    assert ref["status"] == "measured" and ref["correct"] is True and ref["dispatched"] == "triton"
     assert ref["bytes"] == case.bytes and ref["gbps"] == pytest.approx(case.bytes / ref["us"] / 1e3)

@@ -52,9 +52,19 @@ def _compare_prefill(out, expected):
     for i, (o, e) in enumerate(zip(out, expected)):
         assert o.device == out[0].device
         try:
-            ladder.get_check("compressor_prefill").compare(o.cpu(), e.cpu())
+            ladder.get_check("compressor_prefill").comparison(i)(o.cpu(), e.cpu())
         except AssertionError as exc:
             raise AssertionError(f"output {i}: {exc}") from None
+
+
+def test_prefill_check_compares_each_output_by_its_position():
+    """At S = 16384, ratio 128, d = 128 the entries are [128, 128], a state's shape: the check must still
+    compare them with the pooling tolerance (by position, not by shape) and the states exactly."""
+    check = ladder.get_check("compressor_prefill")
+    entries = torch.randn(128, 128)
+    check.comparison(0)(entries + 1e-6 * entries.abs(), entries)   # within atol 2e-5 + rtol 1e-4
+    with pytest.raises(AssertionError, match="state"):
+        check.comparison(1)(entries + 1e-6 * entries.abs(), entries)
 
 
 def _compare(op, out, expected):
@@ -436,13 +446,14 @@ def test_decode_cases_are_fresh_each_call():
 
 
 def test_compare_rules_catch_differences():
-    check = ladder.get_check("compressor_prefill").compare
+    prefill = ladder.get_check("compressor_prefill")
     state = ref.compressor_init_state(4, 512)[1]
     nudged = state.clone()
     nudged[0, 0] = 1.0
     with pytest.raises(AssertionError, match="state"):
-        check(nudged, state)                                   # states: exact
+        prefill.comparison(1)(nudged, state)                   # states: exact
     entries = torch.randn(3, 512)
+    check = prefill.comparison(0)
     check(entries * (1 + 5e-5), entries)                       # fp32 entries: rtol 1e-4
     with pytest.raises(AssertionError, match="fp32 entries"):
         check(entries * (1 + 1e-3), entries)

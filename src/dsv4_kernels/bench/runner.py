@@ -86,16 +86,16 @@ def _raw_reference(op: str) -> Callable:
 
 
 def _check(op: str, outputs: tuple, expected: tuple) -> tuple[bool | None, str]:
-    """(correct, reason): the op's OpCheck.compare on every output; None when the op registered none."""
+    """(correct, reason): the op's OpCheck comparison of every output; None when the op registered none."""
     try:
-        compare = ladder.get_check(op).compare
+        check = ladder.get_check(op)
     except ValueError as exc:
         return None, f"not checked: {exc}"
     if len(outputs) != len(expected):
         return False, f"{len(outputs)} outputs, expected {len(expected)}"
     for i, (o, e) in enumerate(zip(outputs, expected)):
         try:
-            compare(o, e)
+            check.comparison(i)(o, e)
         except AssertionError as exc:
             return False, f"output {i}: {exc}"
     return True, ""
