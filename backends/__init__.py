@@ -37,7 +37,9 @@ class Target:
 @dataclass(frozen=True)
 class Peak:
     """Dense (no sparsity) datasheet peaks of one chip. None: the format has no tensor-core path, or
-    the vendor publishes no number. `source` says where each number comes from."""
+    the vendor publishes no number. `source` says where each number comes from. fp32_tflops: plain
+    fp32 FMA on the vector units / CUDA cores (not tensor cores, not TF32), the ceiling of kernels that
+    multiply in fp32 (the mHC decode projection); None where not checked against a datasheet."""
 
     chip: str
     arch: str
@@ -46,6 +48,7 @@ class Peak:
     fp4_tflops: float | None
     hbm_tbps: float
     source: str
+    fp32_tflops: float | None = None
 
 
 @dataclass(frozen=True)

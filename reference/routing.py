@@ -128,7 +128,8 @@ def hash_topk(router_logits: torch.Tensor, input_ids: torch.Tensor, tid2eid: tor
     that expert's s is counted once per occurrence. Invalid entries are never wrapped: a token id
     outside [0, V) gives a row of routed ids -1 with weight 0 (the shared column stays); a table entry
     outside [0, E) gives id -1 with weight 0, and the row is normalised over its valid entries. NaN in,
-    NaN out: a row with a NaN logit gets NaN routed weights.
+    NaN out: a NaN logit at one of the row's experts makes its routed weights NaN (logits of experts the
+    table does not name are not read).
     """
     s = sqrt_softplus(router_logits)
     V, E = tid2eid.shape[0], router_logits.shape[-1]
@@ -136,5 +137,6 @@ def hash_topk(router_logits: torch.Tensor, input_ids: torch.Tensor, tid2eid: tor
     rows = tid2eid[torch.where(token_ok, input_ids, 0).long()]
     ids = torch.where(token_ok[:, None] & (rows >= 0) & (rows < E), rows, -1).to(torch.int32)
     apply = apply_routed_scaling_factor_on_output
-    weights = routed_weights(s, ids, routed_scaling_factor, apply, True, router_logits.isnan().any(dim=-1))
+    gathered = torch.where(ids >= 0, s.gather(-1, torch.where(ids >= 0, ids, 0).long()), 0.0)
+    weights = routed_weights(s, ids, routed_scaling_factor, apply, True, gathered.isnan().any(dim=-1))
     return _append_shared(weights, ids, E, num_fused_shared_experts, routed_scaling_factor, apply)

@@ -49,6 +49,8 @@ def _device_absent(backend: str) -> str | None:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "op(name): the op whose implementations parametrise `impl`")
+    config.addinivalue_line("markers", "guard_bands: torch.empty/empty_like buffers get canary bands, checked "
+                                       "when the test body returns (dsv4_kernels.testing.guard_bands)")
     backend = config.getoption("--backend")
     absent = _device_absent(backend) if backend != "cpu" else "cpu run"
     config.dsv4_device_absent = absent
@@ -154,25 +156,10 @@ def _seed(request):
     return seed
 
 
-_POISON_INT = {torch.uint8: 0xA5, torch.int8: -91, torch.int16: -23131, torch.int32: -1515870811,
-               torch.int64: -6510615555426900571}
-
-
-def poison_(t: torch.Tensor) -> torch.Tensor:
-    if t.numel() == 0:
-        return t
-    if t.dtype.is_floating_point:
-        return t.fill_(float("nan"))
-    if t.dtype == torch.bool:
-        return t.fill_(True)
-    if t.dtype in _POISON_INT:
-        return t.fill_(_POISON_INT[t.dtype])
-    return t
-
-
 @pytest.fixture(autouse=True)
 def _nan_poisoned_empty(monkeypatch):
     """torch.empty and torch.empty_like hand out poisoned memory (NaN for floats, 0xA5.. for ints)."""
+    from dsv4_kernels.testing import poison_
     real_empty, real_empty_like = torch.empty, torch.empty_like
 
     def empty(*args, **kwargs):
@@ -183,6 +170,17 @@ def _nan_poisoned_empty(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", empty)
     monkeypatch.setattr(torch, "empty_like", empty_like)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    """@pytest.mark.guard_bands: the test body runs inside testing.guard_bands(); an overwritten band fails
+    the test (not its teardown) once the body has passed, naming the buffer and the offset."""
+    if item.get_closest_marker("guard_bands") is None:
+        return (yield)
+    from dsv4_kernels.testing import guard_bands
+    with guard_bands():
+        return (yield)
 
 
 def codegen_backends(config) -> tuple[str, ...]:

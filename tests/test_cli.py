@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-LEVELS = {"cpu-numerics", "codegen", "device-numerics", "device-perf"}
+LEVELS = {"cpu-numerics", "codegen-source", "codegen-binary", "device-numerics", "device-perf"}
 
 
 def dsv4k(*args, env=None):
@@ -38,9 +38,12 @@ def test_check_json_records(check_records):
         assert rec["status"] == "pass" or rec["reason"]
     got = {(r["impl"], r["target"], r["level"]) for r in check_records if r["status"] == "pass"}
     assert {("reference", "cpu", "cpu-numerics"), ("triton", "cpu", "cpu-numerics")} <= got
-    assert {("triton", t, "codegen") for t in ("sm_90a", "sm_100a", "gfx942", "gfx950")} <= got
-    assert {("tilelang", t, "codegen") for t in ("sm_90a", "sm_100a", "gfx942", "gfx950")} <= got
-    assert ("tilelang_ascend", "ascend950", "codegen") in got
+    assert {("triton", t, "codegen-binary") for t in ("sm_90a", "sm_100a", "gfx942", "gfx950")} <= got
+    assert {("tilelang", t, "codegen-binary") for t in ("sm_90a", "sm_100a")} <= got  # nvcc builds a cubin
+    assert {("tilelang", t, "codegen-source") for t in ("gfx942", "gfx950")} <= got  # HIP source, no hipcc
+    assert ("tilelang_ascend", "ascend950", "codegen-source") in got
+    skipped = {(r["impl"], r["target"], r["level"]) for r in check_records if r["status"] == "skip"}
+    assert ("tilelang", "gfx942", "codegen-binary") in skipped
 
 
 def test_check_table_and_backend_filter():
@@ -48,6 +51,36 @@ def test_check_table_and_backend_filter():
     assert r.returncode == 0, r.stdout + r.stderr
     assert "highest level" in r.stdout and "gfx942" in r.stdout and "sm_90a" not in r.stdout
     assert "failed" in r.stdout.splitlines()[-1]
+
+
+def test_check_table_never_shows_a_level_above_one_not_passed():
+    from dsv4_kernels.cli import _table
+    from dsv4_kernels.ladder import Record
+
+    def rec(impl, backend, target, level, status="pass", reason="ok"):
+        lang = "reference" if impl == "reference" else impl
+        return Record("op", impl, lang, backend, target, level, status, reason)
+    no_gpu = "no CUDA device"
+    table = _table([
+        rec("triton", "cpu", "cpu", "cpu-numerics"),
+        rec("triton", "cuda", "sm_90a", "codegen-binary"),
+        rec("triton", "cuda", "device", "device-numerics", "skip", no_gpu),
+        rec("tilelang", "cuda", "sm_90a", "codegen-binary"),
+        rec("tilelang", "cuda", "device", "device-numerics", "skip", no_gpu),
+        rec("tilelang", "rocm", "gfx942", "codegen-source"),
+        rec("tilelang", "rocm", "gfx942", "codegen-binary", "skip", "source only: building a hsaco needs hipcc"),
+        rec("triton", "rocm", "gfx942", "codegen-binary", "fail", "claims not met: k: vector_loads: expected True"),
+    ])
+    rows = {tuple(line.split()[1:4]): line for line in table.splitlines()[2:] if line.startswith("op ")}
+    assert rows[("triton", "triton", "cpu")].split()[-1] == "cpu-numerics"
+    assert "pass (cpu)" in rows[("triton", "triton", "cuda")] and rows[("triton", "triton", "cuda")].endswith(
+        "codegen-binary")
+    for backend in ("cuda", "rocm"):  # compiled, never run: numerics and highest level say "not run"
+        line = rows[("tilelang", "tilelang", backend)]
+        assert line.split()[4:6] == ["not", "run"] and line.endswith("not run"), line
+    assert "source gfx942 [" in rows[("tilelang", "tilelang", "rocm")]
+    assert "FAIL codegen-binary/gfx942: claims not met" in rows[("triton", "triton", "rocm")]
+    assert "hsaco needs hipcc" in table and "no CPU path" in table
 
 
 def test_codegen_writes_a_file(tmp_path):

@@ -31,6 +31,8 @@ def registry(monkeypatch):
     """A fresh registry holding op 'toy' with a tilelang, a triton and a reference implementation."""
     monkeypatch.setattr(dispatch, "_REGISTRY", {})
     monkeypatch.setattr(dispatch, "_warned", set())
+    monkeypatch.setattr(dispatch, "_SELECTIONS", {})
+    monkeypatch.setattr(dispatch, "_CONFIGS", {})
     monkeypatch.delenv("DSV4K_IMPL", raising=False)
     monkeypatch.delenv("DSV4K_STRICT", raising=False)
     mod = __name__
@@ -152,6 +154,7 @@ def test_tuned_table_orders_first_and_overrides_configs(registry, on_h100, monke
         assert dispatch.config(dispatch.get("toy", "triton"), platform.CPU) == {"BLOCK": 128, "num_warps": 4}
         (tmp_path / "sm_90.json").write_text(json.dumps({"dispatch": {}, "blocks": {}}))
         backends._load_tuned.cache_clear()
+        dispatch.clear_cache()  # a tuned table edited in a running process
         with pytest.raises(ValueError, match=r"unknown keys \['blocks'\]"):
             dispatch.select("toy", (torch.zeros(4),))
     finally:
@@ -213,3 +216,107 @@ def test_env_value_is_reparsed_when_it_changes(registry, on_h100, monkeypatch):
     assert dispatch.select("toy", (torch.zeros(4),)).chosen.name == "reference"
     monkeypatch.setenv("DSV4K_IMPL", "toy=triton")
     assert dispatch.select("toy", (torch.zeros(4),)).chosen.name == "triton"
+
+
+SUPPORTS_CALLS = []
+
+
+def fast_any(x, *rest):
+    CALLS.append("fast")
+    return x + 1
+
+
+def _counting_even(x, *rest, **kwargs):
+    SUPPORTS_CALLS.append(tuple(x.shape))
+    return _only_even(x)
+
+
+@pytest.fixture
+def counted(registry, monkeypatch):
+    """Op 'toy' whose triton supports() records each call: a selection that ran shows there."""
+    monkeypatch.setitem(registry._REGISTRY["toy"], "triton", Implementation(
+        "toy", "triton", "triton", ("cpu", "cuda", "rocm"), f"{__name__}:fast_any", priority=20, supports=_counting_even,
+        defaults={"BLOCK": 128, "num_warps": 4}))
+    dispatch.clear_cache()
+    SUPPORTS_CALLS.clear()
+    return registry
+
+
+def test_a_repeated_shape_class_reuses_the_selection(counted, on_h100):
+    x = torch.zeros(4)
+    for _ in range(3):
+        dispatch.call("toy", x)
+    assert SUPPORTS_CALLS == [(4,)] and CALLS == ["fast"] * 3
+    dispatch.call("toy", torch.ones(4))  # other values, same shape class
+    dispatch.call("toy", torch.zeros(6))  # another shape
+    dispatch.call("toy", torch.zeros(4, dtype=torch.float64))  # another dtype
+    dispatch.call("toy", torch.zeros(8)[::2])  # another stride
+    dispatch.call("toy", x, 3)
+    dispatch.call("toy", x, 4)  # a scalar argument's value is part of the key
+    dispatch.call("toy", x, True)  # and its type (True == 1)
+    dispatch.call("toy", x, 3)
+    assert SUPPORTS_CALLS == [(4,), (6,), (4,), (4,), (4,), (4,), (4,)]
+
+
+def test_the_cache_follows_the_environment_and_the_registry(counted, on_h100, monkeypatch):
+    x, odd = torch.zeros(4), torch.zeros(3)
+    assert dispatch.selection("toy", (x,)).chosen.name == "triton"
+    monkeypatch.setenv("DSV4K_IMPL", "toy=reference")
+    assert dispatch.selection("toy", (x,)).chosen.name == "reference"
+    monkeypatch.delenv("DSV4K_IMPL")
+    assert dispatch.selection("toy", (odd,)).chosen.name == "reference"  # a fallback, now cached
+    monkeypatch.setenv("DSV4K_STRICT", "1")
+    with pytest.raises(FallbackError):  # strict mode is part of the key: the cached fallback is not reused
+        dispatch.call("toy", odd)
+    monkeypatch.delenv("DSV4K_STRICT")
+    dispatch.register(Implementation("toy", "odd", "triton", ("cpu", "cuda"), f"{__name__}:fast", priority=50))
+    assert dispatch.selection("toy", (odd,)).chosen.name == "odd"  # register() emptied the cache
+
+
+def test_arguments_without_a_key_are_selected_every_time(counted, on_h100):
+    x = torch.zeros(4)
+    dispatch.call("toy", x, {"not": "hashable"})
+    dispatch.call("toy", x, {"not": "hashable"})
+    assert SUPPORTS_CALLS == [(4,), (4,)]
+
+
+def test_a_first_selection_inside_graph_capture_is_refused(counted, on_h100, monkeypatch):
+    x = torch.zeros(4)
+    dispatch.call("toy", x)  # warmed up before the "capture"
+    monkeypatch.setattr(dispatch, "_capturing", lambda args, kwargs: True)
+    dispatch.call("toy", x)  # known shape class: runs
+    with pytest.raises(dispatch.CaptureError, match=r"toy: first call with these argument shapes inside CUDA-graph "
+                                                    r"capture.*dsv4_kernels.precompile\('toy', \*args\)"):
+        dispatch.call("toy", torch.zeros(6))
+    assert CALLS == ["fast", "fast"]
+
+
+def test_cpu_tensors_never_ask_about_capture(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: pytest.fail("asked on the CPU"))
+    assert dispatch._capturing((torch.zeros(2), 3), {}) is False
+
+
+def test_precompile_runs_once_and_returns_the_cached_decision(counted, on_h100):
+    x = torch.zeros(4)
+    decision = dispatch.precompile("toy", x)
+    assert decision.chosen.name == "triton" and CALLS == ["fast"] and SUPPORTS_CALLS == [(4,)]
+    assert dispatch.selection("toy", (x,)) is decision
+    with pytest.raises(ValueError, match="unknown op 'nope'"):
+        dispatch.precompile("nope", x)
+
+
+def test_precompile_goes_through_the_public_op(monkeypatch):
+    import dsv4_kernels
+    x, g = torch.randn(8), torch.randn(8)
+    with dispatch.recording() as counts:
+        decision = dsv4_kernels.precompile("sigmoid_gate", x, g, impl="reference")
+    assert counts == {("sigmoid_gate", "reference"): 1} and decision.chosen.name == "reference"
+    with pytest.raises(ValueError):  # the public op's validation ran
+        dsv4_kernels.precompile("sigmoid_gate", x, torch.randn(7), impl="reference")
+
+
+def test_config_is_cached_and_handed_out_as_a_copy(registry, on_h100):
+    impl = dispatch.get("toy", "triton")
+    cfg = dispatch.config(impl, H100)
+    cfg["BLOCK"] = 1
+    assert dispatch.config(impl, H100) == {"BLOCK": 128, "num_warps": 4}

@@ -45,6 +45,34 @@ def test_dsv4k_check_refuses_a_bad_dsv4k_impl(monkeypatch, capsys):
     assert "DSV4K_IMPL entry 'nosuchop=nosuchimpl': unknown op 'nosuchop'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("op", dispatch.ops())
+def test_every_op_traces_under_dynamic_torch_compile(op):
+    """torch.compile(dynamic=True) with symbolic floats: the argument checks must not read a symbolic
+    value on the host (math.isfinite, f-strings of symbolic sizes) and must not break the graph."""
+    args, kwargs = _first_case(op)
+    fn = getattr(dk, op)
+
+    def call(*a):
+        return fn(*a, **kwargs, impl="reference")
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(specialize_float=False):
+        got = torch.compile(call, dynamic=True, backend="eager", fullgraph=True)(*args)
+    want = call(*args)
+    for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+        assert torch.equal(g, w) or (g.is_floating_point() and torch.equal(g.isnan(), w.isnan()))
+
+
+def test_a_bad_float_fails_inside_the_compiled_graph_too():
+    args, _ = _first_case("mhc_sinkhorn")
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(specialize_float=False):
+        compiled = torch.compile(lambda m, eps: dk.mhc_sinkhorn(m, *args[1:], 4, 20, eps), dynamic=True,
+                                 backend="eager", fullgraph=True)
+        compiled(args[0], 1e-6)
+        with pytest.raises(Exception, match="eps: expected a positive finite float"):
+            compiled(args[0], -1.0)
+
+
 # The checked-mode mechanism.
 
 def test_checks_are_off_by_default_and_read_no_values(monkeypatch):

@@ -1,11 +1,12 @@
 """dsv4-kernels: the DeepSeek-V4 operators for CUDA, ROCm and Ascend, one kernel source per operator.
 
 Every public op validates its arguments (ValueError naming the expected and the actual value), then the
-dispatcher picks an implementation; `explain(op, *args)` says which one and why. Importing this package
+dispatcher picks an implementation; `explain(op, *args)` says which one and why, and
+`precompile(op, *args)` selects and compiles it ahead of a CUDA-graph capture. Importing this package
 touches no device and imports neither triton nor tilelang.
 """
 from dsv4_kernels import dispatch, platform
-from dsv4_kernels.dispatch import FallbackError, ImplementationUnavailable, explain
+from dsv4_kernels.dispatch import CaptureError, FallbackError, ImplementationUnavailable, explain, precompile
 from dsv4_kernels.ops.compressor import (compressor_decode, compressor_init_state, compressor_norm_rope,
                                          compressor_prefill, indexer_cache_quantize)
 from dsv4_kernels.ops.formats import (dequantize_kv_cache_fp8, dequantize_mxfp4, quantize_fp8_blockwise,
@@ -31,5 +32,5 @@ __all__ = [
     "mhc_sinkhorn", "mhc_pre", "mhc_post", "mhc_head", "mhc_post_pre",
     "mxfp4_grouped_gemm", "fp4_grouped_moe",
     "sigmoid_gate",
-    "explain", "dispatch", "platform", "FallbackError", "ImplementationUnavailable",
+    "explain", "precompile", "dispatch", "platform", "FallbackError", "ImplementationUnavailable", "CaptureError",
 ]

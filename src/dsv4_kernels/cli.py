@@ -30,37 +30,92 @@ def cmd_info(args) -> int:
     return 0
 
 
+_NO_CPU_RUN = "never run: {language} kernels have no CPU path here (numerics need the device)"
+
+
+def _cell(recs, notes: dict) -> str:
+    """pass / FAIL / not run [footnote] / - (the level does not apply) for the records of one level."""
+    if not recs:
+        return "-"
+    if any(r.status == "fail" for r in recs):
+        return "FAIL"
+    if all(r.status == "pass" for r in recs):
+        return "pass"
+    reason = next(r.reason for r in recs if r.status == "skip")
+    return f"not run [{notes.setdefault(reason, len(notes) + 1)}]"
+
+
+def _codegen_cell(recs, notes: dict) -> str:
+    """binary TARGETS / source TARGETS [why no binary] / FAIL / - ."""
+    if not recs:
+        return "-"
+    if any(r.status == "fail" for r in recs):
+        return "FAIL"
+    binary = sorted(r.target for r in recs if r.level == "codegen-binary" and r.status == "pass")
+    source = sorted(r.target for r in recs if r.level == "codegen-source" and r.status == "pass")
+    why = sorted({notes.setdefault(r.reason, len(notes) + 1) for r in recs if r.status == "skip"})
+    parts = ([f"binary {','.join(binary)}"] if binary else []) + ([f"source {','.join(source)}"] if source else [])
+    return "; ".join(parts) + "".join(f" [{n}]" for n in why) if parts else "not run"
+
+
+def _highest(numerics_ok: bool, codegen: list, device_ok: bool, perf_ok: bool) -> str:
+    """The highest level L such that every level below L passed (ladder order; codegen only where the
+    implementation compiles). A kernel that has never run numerically anywhere shows "not run", whatever it
+    compiles to; one compiled to source only stops at codegen-source."""
+    if not (numerics_ok or device_ok):
+        return "not run"
+    best = "cpu-numerics" if numerics_ok else "device-numerics"
+    if codegen:
+        if any(r.status == "fail" for r in codegen) or not any(r.status == "pass" for r in codegen):
+            return best
+        binary = {r.target for r in codegen if r.level == "codegen-binary" and r.status == "pass"}
+        if binary != {r.target for r in codegen}:
+            return "codegen-source"
+        if not device_ok:
+            return "codegen-binary"
+        best = "device-numerics"
+    if device_ok and perf_ok:
+        best = "device-perf"
+    return best
+
+
 def _table(records) -> str:
-    """One row per (op, impl, backend): the highest level passed, failures in full, and the next level's
-    skip reason as a numbered footnote (the same reason recurs on many rows)."""
-    rank = {lvl: i for i, lvl in enumerate(("cpu-numerics", "codegen", "device-numerics", "device-perf"))}
-    rows, notes = {}, {}
+    """One row per (op, impl, backend) with one column per level: numerics (on this row's device, else
+    the CPU interpreter run of the same implementation), codegen (binary or source, per target), device
+    numerics and perf; skip reasons as numbered footnotes, failures in full. "highest level" never goes
+    past a level that did not pass: a kernel that has only been compiled shows "not run"."""
+    rows: dict = {}
     for r in records:
-        row = rows.setdefault((r.op, r.impl, r.language, r.backend), {"best": "-", "fails": [], "skip": None,
-                                                                      "targets": set()})
-        if r.status == "pass":
-            row["targets"].add(r.target)
-            if row["best"] == "-" or rank[r.level] > rank[row["best"]]:
-                row["best"] = r.level
-        elif r.status == "fail":
-            row["fails"].append(f"{r.level}/{r.target}: {r.reason}")
-        elif row["skip"] is None:
-            row["skip"] = (r.level, notes.setdefault(r.reason, len(notes) + 1))
-    head = f"{'op':<22} {'impl':<16} {'language':<9} {'backend':<7} {'highest level':<16} notes"
+        rows.setdefault((r.op, r.impl, r.language, r.backend), []).append(r)
+    cpu_numerics = {(op, impl): [r for r in recs if r.level == "cpu-numerics"]
+                    for (op, impl, _, backend), recs in rows.items() if backend == "cpu"}
+    notes: dict[str, int] = {}
+    head = (f"{'op':<22} {'impl':<16} {'language':<9} {'backend':<7} {'numerics':<13} {'codegen':<26} "
+            f"{'device':<12} {'perf':<12} {'highest level':<15} notes")
     lines = [head, "-" * len(head)]
-    for (op, impl, lang, backend), row in sorted(rows.items()):
-        if row["fails"]:
-            note = "FAIL " + " | ".join(row["fails"])
+    for (op, impl, lang, backend), recs in sorted(rows.items()):
+        level = {lvl: [r for r in recs if r.level == lvl] for lvl in ("device-numerics", "device-perf")}
+        codegen = [r for r in recs if r.level.startswith("codegen")]
+        cpu = cpu_numerics.get((op, impl), [])
+        device_ok = bool(level["device-numerics"]) and all(r.status == "pass" for r in level["device-numerics"])
+        numerics_ok = bool(cpu) and all(r.status == "pass" for r in cpu)
+        if device_ok:
+            numerics = "pass (device)"
+        elif cpu:
+            numerics = _cell(cpu, notes) + (" (cpu)" if backend != "cpu" and numerics_ok else "")
         else:
-            parts = [f"on {', '.join(sorted(row['targets']))}"] if row["targets"] else []
-            if row["skip"]:
-                parts.append(f"{row['skip'][0]} skipped [{row['skip'][1]}]")
-            note = "; ".join(parts)
-        lines.append(f"{op:<22} {impl:<16} {lang:<9} {backend:<7} {row['best']:<16} {note}")
+            reason = _NO_CPU_RUN.format(language=lang)
+            numerics = f"not run [{notes.setdefault(reason, len(notes) + 1)}]"
+        perf_ok = bool(level["device-perf"]) and all(r.status == "pass" for r in level["device-perf"])
+        fails = [f"{r.level}/{r.target}: {r.reason}" for r in recs if r.status == "fail"]
+        lines.append(f"{op:<22} {impl:<16} {lang:<9} {backend:<7} {numerics:<13} {_codegen_cell(codegen, notes):<26} "
+                     f"{_cell(level['device-numerics'], notes):<12} {_cell(level['device-perf'], notes):<12} "
+                     f"{_highest(numerics_ok, codegen, device_ok, perf_ok):<15} "
+                     + ("FAIL " + " | ".join(fails) if fails else ""))
     if notes:
         lines.append("")
         lines += [f"[{n}] {reason}" for reason, n in notes.items()]
-    return "\n".join(lines)
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def cmd_check(args) -> int:

@@ -1,12 +1,19 @@
 """Compile registered Triton and TileLang implementations for a named target without the device.
 
-What each target produces (see ../shared/TOOLCHAIN.md):
+Two levels of result, labelled in every Artifact (`level`) and ladder record: "binary" (a cubin or a
+hsaco, what the driver loads) and "source" (HIP, Ascend C or CUDA source that still needs a compiler
+absent here). What each target produces (see ../shared/TOOLCHAIN.md):
 - Triton, CUDA sm_90a / sm_100a: PTX and a cubin (triton's bundled ptxas); registers, stack and shared
   memory from triton's bundled cuobjdump.
 - Triton, ROCm gfx942 / gfx950: AMDGCN and a hsaco; VGPR/SGPR/scratch/LDS from the AMDGCN listing.
 - TileLang GPU dialect, CUDA: CUDA C++ source, then a cubin built with the machine's nvcc when there is one.
 - TileLang GPU dialect, ROCm: HIP source (building a hsaco needs hipcc, absent here).
 - TileLang Ascend dialect: Ascend C source (building needs CANN's bisheng, absent here).
+
+Triton kernels are compiled as the JIT specialises them at launch: pointer arguments 16-byte aligned
+(kernels/_triton_util.py: `pointer_attrs`) and the pinned FP-fusion option (`compile_options`). Each
+artifact then has its claims checked (`check_claims`): what a kernel's docs promise about the machine
+code, from DEFAULT_EXPECTS, the kernel's own dot precision and the spec's `expects`.
 
 Triton kernels defined under the interpreter (TRITON_INTERPRET=1) cannot be compiled ahead of time, and
 TVM's HIP code generator writes warnings straight to stderr, so `compile_many` runs the compilers in one
@@ -30,9 +37,28 @@ from typing import Any, Callable
 from dsv4_kernels import dispatch
 
 
+# Claims every kernel's artifacts are checked against unless its spec says otherwise (True: must hold,
+# False: the opposite must hold, None: not checked):
+#   no_local: no local memory (CUDA: no .local in the PTX, cuobjdump LOCAL 0; ROCm: ScratchSize 0) -- a
+#       spill or a stack array is a performance bug the CPU cannot see;
+#   vector_loads: some global load moves >= 8 bytes per thread (ld.global.v2/v4, cp.async 8/16 bytes,
+#       global/buffer_load_dwordx2..4) -- a kernel that reads with scalar loads wastes most of its bandwidth;
+#   reduced_precision_mma: tensor-core instructions that round their inputs (CUDA mma/wgmma/tcgen05,
+#       tf32 conversions; ROCm MFMA on xf32, bf16, fp16, fp8 operands; CDNA's fp32-operand MFMA that
+#       Triton emits for input_precision="ieee" keeps fp32 products and is not counted). Triton kernels
+#       derive it from their source when the spec does not set it: False when every tl.dot in the
+#       kernel's body says input_precision="ieee" (or there is no tl.dot), else not checked.
+DEFAULT_EXPECTS = {"no_local": True, "vector_loads": True}
+
+
 @dataclass
 class TritonKernel:
-    """A @triton.jit function with the argument types and constexprs of one specialisation."""
+    """A @triton.jit function with the argument types and constexprs of one specialisation.
+
+    expects: claims on the compiled code that override DEFAULT_EXPECTS and the derived
+    reduced_precision_mma, e.g. {"reduced_precision_mma": True} for a kernel meant to run on tensor
+    cores, {"vector_loads": None} for one whose loads cannot vectorise without integer specialisation.
+    """
 
     fn: Callable
     signature: dict[str, str]
@@ -40,14 +66,17 @@ class TritonKernel:
     num_warps: int = 4
     num_stages: int = 3
     label: str = ""
+    expects: dict[str, bool | None] = field(default_factory=dict)
 
 
 @dataclass
 class TileLangKernel:
-    """A TileLang prim_func, in the dialect of the target it is compiled for."""
+    """A TileLang prim_func, in the dialect of the target it is compiled for. Its binaries (a cubin)
+    are checked for no_local; `expects` as in TritonKernel, on binaries only."""
 
     func: Any
     label: str = ""
+    expects: dict[str, bool | None] = field(default_factory=lambda: {"no_local": True})
 
 
 @dataclass
@@ -62,6 +91,12 @@ class Artifact:
     binary: bytes | None = None
     resources: dict = field(default_factory=dict)
     seconds: float = 0.0
+    claims: dict = field(default_factory=dict)  # name -> {"expected", "ok", "evidence"} (check_claims)
+
+    @property
+    def level(self) -> str:
+        """"binary" when the driver-loadable cubin or hsaco was built, else "source"."""
+        return "binary" if self.binary_kind else "source"
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -73,6 +108,10 @@ class Artifact:
         d = dict(d)
         d["binary"] = base64.b64decode(d["binary"]) if d.get("binary") else None
         return Artifact(**d)
+
+    def failed_claims(self) -> list[str]:
+        return [f"{name}: expected {c['expected']}, {c['evidence']}" for name, c in self.claims.items()
+                if not c["ok"]]
 
 
 def targets_for(impl: dispatch.Implementation) -> list:
@@ -119,15 +158,105 @@ def amdgcn_resources(asm: str) -> dict:
     return res
 
 
+def widest_global_load(kind: str, text: str) -> int:
+    """Bytes per thread of the widest global load in a PTX or AMDGCN listing (0: none found)."""
+    widths = [0]
+    if kind == "ptx":
+        for n, bits in re.findall(r"\bld\.global(?:\.\w+)*?\.v(\d)\.[bfus](\d+)", text):
+            widths.append(int(n) * int(bits) // 8)
+        for bits in re.findall(r"\bld\.global(?:\.\w+)*?\.[bfus](\d+)\b", text):
+            widths.append(int(bits) // 8)
+        copies = re.findall(r"\bcp\.async\.\w+\.shared\.global[^,]*,[^,]*,\s*(0x[0-9a-f]+|\d+)", text)
+        widths += [int(n, 0) for n in copies]
+    elif kind == "amdgcn":
+        for op, n in re.findall(r"\b(global|buffer)_load(?:_lds)?_dwordx(\d)", text):
+            widths.append(4 * int(n))
+        widths += [int(b) // 8 for b in re.findall(r"\b(?:global|buffer)_load_b(\d+)", text)]
+    return max(widths)
+
+
+def reduced_precision_mma(kind: str, text: str) -> list[str]:
+    """The tensor-core instructions in a listing that round their inputs below fp32 (see DEFAULT_EXPECTS)."""
+    if kind == "ptx":
+        found = re.findall(r"\b(mma\.sync[\w.]*|wgmma\.mma_async[\w.]*|tcgen05\.mma[\w.]*|"
+                           r"cvt\.\w+\.tf32\.f32)", text)
+    elif kind == "amdgcn":
+        found = [m.group(0) for m in re.finditer(r"\bv_(?:mfma|smfmac|wmma)\w*", text)
+                 if not re.search(r"x\d+_?f(32|64)$", m.group(0))]
+    else:
+        return []
+    return sorted(set(found))
+
+
+def _local_memory(kind: str, text: str, resources: dict) -> str | None:
+    if kind == "ptx" and re.search(r"^\s*\.local\b", text, re.M):
+        return "the PTX declares .local memory"
+    if resources.get("local", 0):
+        return f"local {resources['local']} B (stack {resources.get('stack', 0)} B)"
+    if resources.get("scratch", 0):
+        return f"scratch {resources['scratch']} B"
+    return None
+
+
+def _dot_precisions(fn) -> list[str | None]:
+    """input_precision of every tl.dot call in a @triton.jit function's own source (None: not given)."""
+    src = getattr(fn, "src", "")
+    calls = re.findall(r"tl\.dot\(([^()]*(?:\([^()]*\)[^()]*)*)\)", src)
+    return [(re.search(r"input_precision\s*=\s*[\"'](\w+)[\"']", c) or [None, None])[1] for c in calls]
+
+
+def expected_claims(spec) -> dict[str, bool]:
+    """The claims an artifact of `spec` is checked against: DEFAULT_EXPECTS, the derived
+    reduced_precision_mma of a Triton kernel, then the spec's expects; None entries dropped."""
+    if isinstance(spec, TritonKernel):
+        claims: dict = dict(DEFAULT_EXPECTS)
+        if all(p == "ieee" for p in _dot_precisions(spec.fn)):
+            claims["reduced_precision_mma"] = False
+    else:
+        claims = {}
+    claims.update(spec.expects)
+    return {k: v for k, v in claims.items() if v is not None}
+
+
+def check_claims(kind: str, text: str, resources: dict, expects: dict[str, bool]) -> dict:
+    """{claim: {"expected", "ok", "evidence"}} for the claims a listing can show (PTX, AMDGCN; for source
+    listings only no_local from a binary's resources)."""
+    out = {}
+    for name, want in expects.items():
+        if name == "no_local":
+            if kind not in ("ptx", "amdgcn") and not {"local", "scratch"} & set(resources):
+                continue  # source only: nothing to read the resources from
+            problem = _local_memory(kind, text, resources)
+            have, evidence = problem is None, problem or "no local memory or scratch"
+        elif name == "vector_loads":
+            if kind not in ("ptx", "amdgcn"):
+                continue
+            width = widest_global_load(kind, text)
+            have, evidence = width >= 8, f"widest global load {width} B per thread"
+        elif name == "reduced_precision_mma":
+            if kind not in ("ptx", "amdgcn"):
+                continue
+            found = reduced_precision_mma(kind, text)
+            have, evidence = bool(found), (f"found {', '.join(found[:4])}" if found else "none found")
+        else:
+            raise ValueError(f"unknown codegen claim {name!r}; expected no_local, vector_loads or "
+                             f"reduced_precision_mma")
+        out[name] = {"expected": want, "ok": have == want, "evidence": evidence}
+    return out
+
+
 def _compile_triton(spec: TritonKernel, target) -> tuple[str, str, str, bytes, dict]:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from dsv4_kernels.kernels._triton_util import compile_options, pointer_attrs
     if not isinstance(spec.fn, triton.runtime.JITFunction):
         raise RuntimeError("Triton kernels were imported under TRITON_INTERPRET=1; compile in a clean process")
-    src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs)
-    compiled = triton.compile(src, target=GPUTarget(*target.triton),
-                              options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+    gpu = GPUTarget(*target.triton)
+    src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs,
+                    attrs=pointer_attrs(spec.fn, spec.signature, gpu))
+    compiled = triton.compile(src, target=gpu,
+                              options=compile_options(spec.num_warps, spec.num_stages))
     meta = {"num_warps": compiled.metadata.num_warps, "shared_bytes": compiled.metadata.shared}
     if target.backend == "cuda":
         return "ptx", compiled.asm["ptx"], "cubin", compiled.asm["cubin"], {**meta, **cubin_resources(compiled.asm["cubin"])}
@@ -170,8 +299,9 @@ def compile_impl(op: str, impl_name: str, target_name: str) -> list[Artifact]:
             kind, text, bkind, binary, res = _compile_triton(spec, target)
         else:
             kind, text, bkind, binary, res = _compile_tilelang(spec, target)
+        claims = check_claims(kind, text, res, expected_claims(spec))
         artifacts.append(Artifact(op, impl_name, target_name, spec.label, kind, text, bkind, binary, res,
-                                  round(time.perf_counter() - t0, 3)))
+                                  round(time.perf_counter() - t0, 3), claims))
     if not artifacts:
         raise RuntimeError(f"{op}/{impl_name} registered no kernel specs for {target_name}")
     return artifacts

@@ -10,6 +10,14 @@ selection (3, 4) takes the first candidate that serves the device's backend, is 
 the arguments. It is a fallback when a better-ranked candidate that could run on this backend declined
 the arguments, or when the reference is chosen for a GPU/NPU tensor: a fallback is logged once per
 reason, and `DSV4K_STRICT=1` turns it into `FallbackError`.
+
+Launch path. `call()` caches the Decision per (op, impl=, DSV4K_IMPL, DSV4K_STRICT, shape class), the
+shape class being the shapes, strides, dtypes, devices and 16-byte alignment of the tensor arguments and
+the values of the others; `config()` caches per (implementation, device). register() and clear_cache()
+empty both caches; a changed DSV4K_IMPL or DSV4K_STRICT is part of the key. A repeated call of the same
+shapes then costs a dictionary lookup instead of the selection (device detection, the candidates'
+available() and supports()). A first-time selection inside CUDA-graph capture raises CaptureError: the
+selection and the JIT compile it leads to must happen before the capture (`precompile`).
 """
 from __future__ import annotations
 
@@ -37,6 +45,11 @@ class ImplementationUnavailable(RuntimeError):
 
 class FallbackError(RuntimeError):
     """Strict mode (DSV4K_STRICT=1): automatic selection would have fallen back."""
+
+
+class CaptureError(RuntimeError):
+    """An op met new shapes for the first time inside CUDA-graph capture: selection (and the JIT compile
+    that follows) cannot happen there. Call precompile(op, *args) or the op once before capturing."""
 
 
 def _resolve(entry: str) -> Callable:
@@ -108,6 +121,7 @@ def register(impl: Implementation) -> Implementation:
         raise ValueError(f"{impl.op}: implementation {impl.name!r} is registered twice")
     impls[impl.name] = impl
     _parse_env.cache_clear()
+    clear_cache()
     return impl
 
 
@@ -123,10 +137,11 @@ def implementations(op: str) -> list[Implementation]:
 
 
 def get(op: str, name: str) -> Implementation:
-    impls = {i.name: i for i in implementations(op)}
-    if name not in impls:
-        raise ValueError(f"op {op!r} has no implementation {name!r}; expected one of {', '.join(impls)}")
-    return impls[name]
+    impl = _REGISTRY.get(op, {}).get(name)
+    if impl is None:
+        names = ", ".join(i.name for i in implementations(op))  # raises for an unknown op
+        raise ValueError(f"op {op!r} has no implementation {name!r}; expected one of {names}")
+    return impl
 
 
 def env_choices() -> dict[str, str]:
@@ -280,12 +295,117 @@ def recording():
         _recorders.remove(counts)
 
 
+_SELECTIONS: dict[tuple, Decision] = {}
+_CONFIGS: dict[tuple, dict] = {}
+MAX_CACHED = 4096  # shape classes kept; past it the cache starts over (prefill sees a new T per call)
+
+
+def clear_cache() -> None:
+    """Forget every cached selection and config (register() calls it; call it after editing a tuned table
+    in a running process)."""
+    _SELECTIONS.clear()
+    _CONFIGS.clear()
+
+
+class _Uncacheable(Exception):
+    pass
+
+
+_SCALARS = (bool, int, float, str, type(None))
+
+
+def _arg_key(a):
+    if isinstance(a, torch.Tensor):  # the alignment matters: TileLang kernels refuse unaligned pointers
+        return (a.shape, a.stride(), a.dtype, a.data_ptr() & 15)
+    if a.__class__ in _SCALARS:
+        return (a.__class__, a)  # the type too: True == 1
+    if isinstance(a, (tuple, list)):
+        return (a.__class__, tuple(_arg_key(v) for v in a))
+    raise _Uncacheable
+
+
+# os.environ.get costs about 0.7 us per variable (it encodes the key each time); the mapping under it
+# is a plain dict with the encoded keys, read here in 20 ns. Both see every os.environ assignment.
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENV_KEYS = tuple(os.environ.encodekey(k) if _ENV_DATA is not None else k for k in ("DSV4K_IMPL", "DSV4K_STRICT"))
+
+
+def _env_key() -> tuple:
+    source = _ENV_DATA if _ENV_DATA is not None else os.environ
+    return (source.get(_ENV_KEYS[0]), source.get(_ENV_KEYS[1]))
+
+
+def _selection_key(op: str, impl: str | None, args: tuple, kwargs: dict) -> tuple | None:
+    """The cache key of one call: op, impl=, DSV4K_IMPL and DSV4K_STRICT, the registry, the device of the
+    first tensor argument (the one selection uses) and the shape class of every argument; None when an
+    argument is of a kind without a key (a dict, an object): such calls are selected every time."""
+    device = None
+    try:
+        shapes = []
+        for a in args:
+            if device is None and isinstance(a, torch.Tensor):
+                device = a.device
+            shapes.append(_arg_key(a))
+        for name, a in kwargs.items():
+            if device is None and isinstance(a, torch.Tensor):
+                device = a.device
+            shapes.append((name, _arg_key(a)))
+    except _Uncacheable:
+        return None
+    return (op, impl, _env_key(), id(_REGISTRY), device, tuple(shapes))
+
+
+def _capturing(args: tuple, kwargs: dict) -> bool:
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            return a.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    return False
+
+
+def selection(op: str, args: tuple, kwargs: dict | None = None, impl: str | None = None) -> Decision:
+    """select() through the cache: the Decision of the first call with this shape class is reused.
+    Raises CaptureError instead of selecting inside CUDA-graph capture."""
+    kwargs = kwargs or {}
+    key = _selection_key(op, impl, args, kwargs)
+    decision = _SELECTIONS.get(key) if key is not None else None
+    if decision is None:
+        if _capturing(args, kwargs):
+            raise CaptureError(
+                f"{op}: first call with these argument shapes inside CUDA-graph capture; selecting an "
+                f"implementation and compiling its kernel cannot be captured. Run "
+                f"dsv4_kernels.precompile({op!r}, *args) (or the op once) with the same shapes before capturing.")
+        decision = select(op, args, kwargs, impl=impl)
+        if key is not None:
+            if len(_SELECTIONS) >= MAX_CACHED:
+                _SELECTIONS.clear()
+            _SELECTIONS[key] = decision
+    return decision
+
+
 def call(op: str, *args, impl: str | None = None, **kwargs):
-    """Select and run: the body every public op's torch.library implementation calls."""
-    chosen = select(op, args, kwargs, impl=impl).chosen
+    """Select (cached, see `selection`) and run: the body every public op's torch.library implementation calls."""
+    chosen = selection(op, args, kwargs, impl=impl).chosen
     for counts in _recorders:
         counts[(op, chosen.name)] += 1
     return chosen(*args, **kwargs)
+
+
+def precompile(op: str, *args, impl: str | None = None, **kwargs) -> Decision:
+    """Run the public op `op` once on these example arguments (same shapes, dtypes and devices as the
+    calls to come), so that its implementation is selected, its kernels are JIT-compiled and both are
+    cached before a CUDA-graph capture or a latency-critical loop; returns the Decision that later calls
+    with these shapes reuse. The op really runs: for ops that update arguments in place
+    (compressor_decode's state) pass scratch copies. On a CUDA device it synchronises afterwards."""
+    import dsv4_kernels
+    implementations(op)  # raises for an unknown op
+    public = getattr(dsv4_kernels, op, None)
+    if public is not None:
+        public(*args, impl=impl, **kwargs)
+    else:
+        call(op, *args, impl=impl, **kwargs)
+    if any(isinstance(a, torch.Tensor) and a.device.type == "cuda" for a in (*args, *kwargs.values())):
+        torch.cuda.synchronize()
+    return selection(op, args, kwargs, impl=impl)
 
 
 def explain(op: str, *args, impl: str | None = None, **kwargs) -> Decision:
@@ -298,10 +418,15 @@ def explain(op: str, *args, impl: str | None = None, **kwargs) -> Decision:
 
 def config(impl: Implementation, device: platform.DeviceInfo) -> dict[str, Any]:
     """Compile-time parameters for `impl` on `device`: its registered defaults, overridden by the tuned
-    table of the device's arch (`configs["op/impl"]`)."""
-    cfg = dict(impl.defaults)
-    if device.backend != "cpu":
-        from dsv4_kernels.backends import get_backend
-        tuned = get_backend(device.backend).tuned(device.arch).get("configs", {})
-        cfg.update(tuned.get(f"{impl.op}/{impl.name}", {}))
-    return cfg
+    table of the device's arch (`configs["op/impl"]`). Cached per (implementation, device); a new dict
+    each call."""
+    key = (impl.op, impl.name, device)
+    cfg = _CONFIGS.get(key)
+    if cfg is None:
+        cfg = dict(impl.defaults)
+        if device.backend != "cpu":
+            from dsv4_kernels.backends import get_backend
+            tuned = get_backend(device.backend).tuned(device.arch).get("configs", {})
+            cfg.update(tuned.get(f"{impl.op}/{impl.name}", {}))
+        _CONFIGS[key] = cfg
+    return dict(cfg)

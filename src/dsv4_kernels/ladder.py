@@ -1,10 +1,15 @@
 """The verification ladder behind `dsv4k check`: per (op, impl, backend, target), the levels
-cpu-numerics -> codegen -> device-numerics -> device-perf, each with status pass / fail / skip and a reason.
+cpu-numerics -> codegen-source -> codegen-binary -> device-numerics -> device-perf, each with status
+pass / fail / skip and a reason.
 
 - cpu-numerics: the implementation on CPU tensors (Triton through its interpreter, in a subprocess with
   TRITON_INTERPRET=1) against the reference on the op's sample cases; the reference itself against the
   op's independent fp64 oracle.
-- codegen: the implementation compiled for each target of its backends (codegen.py).
+- codegen-source / codegen-binary: the implementation compiled for each target of its backends
+  (codegen.py), as far as this machine's compilers go: "binary" when every kernel became a cubin or
+  hsaco (what the driver loads), "source" when only HIP, CUDA or Ascend C source could be produced (then
+  codegen-binary is a skip with the missing compiler as its reason). The artifacts' claims (no local
+  memory, vector loads, no reduced-precision MMA, codegen.DEFAULT_EXPECTS) must hold, or the level fails.
 - device-numerics: the sample cases on the backend's device against the reference on the CPU.
 - device-perf: a measured, correct benchmark result for this chip recorded under bench/results/.
 """
@@ -22,7 +27,8 @@ import torch
 
 from dsv4_kernels import dispatch, platform
 
-LEVELS = ("cpu-numerics", "codegen", "device-numerics", "device-perf")
+LEVELS = ("cpu-numerics", "codegen-source", "codegen-binary", "device-numerics", "device-perf")
+CODEGEN_LEVELS = ("codegen-source", "codegen-binary")
 
 
 @dataclass(frozen=True)
@@ -151,14 +157,38 @@ def cpu_numerics_in_interpreter(ops: tuple[str, ...] | None = None) -> list[Reco
     return [Record(**r) for r in json.loads(proc.stdout.strip().splitlines()[-1])]
 
 
-def _summary(artifacts: list[dict]) -> str:
+def _summary(artifacts: list) -> str:
     parts = []
     for a in artifacts:
-        res = ", ".join(f"{k} {v}" for k, v in a["resources"].items() if k != "note")
-        note = a["resources"].get("note")
-        what = a["kind"] + (f"+{a['binary_kind']}" if a["binary_kind"] else "")
-        parts.append(f"{a['label']}: {what}" + (f" ({res})" if res else "") + (f" [{note}]" if note else ""))
+        res = ", ".join(f"{k} {v}" for k, v in a.resources.items() if k != "note")
+        note = a.resources.get("note")
+        what = a.kind + (f"+{a.binary_kind}" if a.binary_kind else "")
+        claims = ", ".join(f"{k}={c['expected']}" for k, c in a.claims.items())
+        parts.append(f"{a.label}: {what}" + (f" ({res})" if res else "") + (f" [{note}]" if note else "")
+                     + (f" claims held: {claims}" if claims else ""))
     return "; ".join(parts)
+
+
+def codegen_level_records(op: str, impl: dispatch.Implementation, target, result: dict) -> list[Record]:
+    """The codegen records of one compile result: codegen-binary pass when every artifact is a binary;
+    codegen-source pass plus a codegen-binary skip (the missing compiler) when some are source only; a
+    failed compile or a failed claim fails the level it reached (codegen-source when nothing compiled)."""
+    from dsv4_kernels.codegen import Artifact
+
+    def rec(level: str, status: str, reason: str) -> Record:
+        return Record(op, impl.name, impl.language, target.backend, target.name, level, status, reason)
+    if not result["ok"]:
+        return [rec("codegen-source", "fail", result["error"])]
+    arts = [Artifact.from_json(a) for a in result["artifacts"]]
+    level = "codegen-binary" if all(a.level == "binary" for a in arts) else "codegen-source"
+    broken = [f"{a.label}: {msg}" for a in arts for msg in a.failed_claims()]
+    if broken:
+        return [rec(level, "fail", "claims not met: " + "; ".join(broken))]
+    records = [rec(level, "pass", _summary(arts))]
+    if level == "codegen-source":
+        notes = sorted({a.resources.get("note", "no binary built") for a in arts if a.level == "source"})
+        records.append(rec("codegen-binary", "skip", "; ".join(notes)))
+    return records
 
 
 def codegen_records(backends: tuple[str, ...], ops: tuple[str, ...] | None = None) -> list[Record]:
@@ -166,11 +196,7 @@ def codegen_records(backends: tuple[str, ...], ops: tuple[str, ...] | None = Non
     jobs = [(op, impl, t) for op in _selected(ops) for impl in dispatch.implementations(op)
             for t in targets_for(impl) if t.backend in backends]
     results = compile_many([{"op": op, "impl": impl.name, "target": t.name} for op, impl, t in jobs])
-    records = []
-    for (op, impl, t), res in zip(jobs, results):
-        status, reason = ("pass", _summary(res["artifacts"])) if res["ok"] else ("fail", res["error"])
-        records.append(Record(op, impl.name, impl.language, t.backend, t.name, "codegen", status, reason))
-    return records
+    return [r for (op, impl, t), res in zip(jobs, results) for r in codegen_level_records(op, impl, t, res)]
 
 
 def _bench_results_dir() -> Path:
@@ -231,8 +257,8 @@ def run(backends: tuple[str, ...] = ("cuda", "rocm", "ascend"), levels: tuple[st
     records: list[Record] = []
     if "cpu-numerics" in levels:
         records += cpu_numerics_in_interpreter(ops)
-    if "codegen" in levels:
-        records += codegen_records(backends, ops)
+    if set(CODEGEN_LEVELS) & set(levels):
+        records += [r for r in codegen_records(backends, ops) if r.level in levels]
     if "device-numerics" in levels or "device-perf" in levels:
         records += [r for r in device_records(backends, ops) if r.level in levels]
     return records

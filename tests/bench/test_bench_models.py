@@ -127,6 +127,40 @@ def test_mhc_models_by_hand():
     assert mhc.post_pre_flops(2, 4096) == 2 * 4 * 4096 * 10 + 2 * per_token
 
 
+def test_mhc_kernel_bytes_by_hand():
+    # mhc_pre, V4-Flash decode T = 1 (default decode config: 128 splits of one 32-column tile, one token
+    # block, 8 out dim blocks of 512): x read twice, hc_fn once, workspace 128 x (24 + 1) fp32 written,
+    # then read: 5 floats per split in each of 8 dim blocks plus 20 in block 0.
+    x, hc_fn, gates = 4 * 4096 * 2, 24 * 16384 * 4, (4 + 16) * 4
+    ws_write, ws_read = 128 * 25 * 4, 128 * 4 * (5 * 8 + 20)
+    site = 3 * 4 + 24 * 4
+    assert mhc.kernel_bytes("mhc_pre", 1, 4096) == 2 * x + hc_fn + ws_write + ws_read + 4096 * 2 + gates + site
+    assert mhc.kernel_bytes("mhc_pre", 1, 4096) > mhc.pre_bytes(1, 4096)
+    # Prefill T = 4096, V4-Pro (bf16x3 phase, 16-token blocks, 256 of them: 1 split): hc_fn once per
+    # token block dominates, x twice.
+    hc_pro = 24 * 4 * 7168 * 4
+    T = 4096
+    expected = (256 * hc_pro + T * 25 * 4 + 2 * T * 4 * 7168 * 2 + T * 4 * (5 * 14 + 20) + T * 7168 * 2
+                + T * 20 * 4 + site)
+    assert mhc.kernel_bytes("mhc_pre", T, 7168) == expected
+    # mhc_post: F, X read, X' written, gates per dim block (V4-Flash: 4 blocks of 1024).
+    assert mhc.kernel_bytes("mhc_post", 2, 4096) == 2 * 4096 * 2 + 2 * 2 * x + 4 * 2 * gates
+    assert mhc.kernel_bytes("mhc_head", 0, 4096) == 0
+    cases = [c for c in mhc.cases(FULL) if c.op == "mhc_post_pre"]
+    assert cases and all(c.shape["kernel_bytes"] >= c.bytes for c in cases)
+
+
+def test_fp32_vector_peaks_of_the_chips_mhc_decode_runs_on():
+    # The mHC decode projection multiplies in fp32 on the FMA units: its compute ceiling is the plain
+    # fp32 datasheet peak, not a tensor-core one.
+    from dsv4_kernels.backends import get_backend
+    cuda, rocm = get_backend("cuda"), get_backend("rocm")
+    assert cuda.peak("H100").fp32_tflops == cuda.peak("H200").fp32_tflops == 67.0
+    assert cuda.peak("B200").fp32_tflops == 75.0
+    assert rocm.peak("MI300X").fp32_tflops == 163.4 and rocm.peak("MI355X").fp32_tflops == 157.3
+    assert all(p.fp32_tflops is None or p.fp32_tflops < p.bf16_tflops for p in cuda.peaks + rocm.peaks)
+
+
 def test_moe_models_by_hand():
     # FP4 at half a byte per value plus a scale byte per 32 values: 64 values -> 32 + 2 bytes.
     assert moe.fp4_weight_bytes(1, 1, 64) == 34

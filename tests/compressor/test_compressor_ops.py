@@ -179,8 +179,10 @@ def test_prefill_fp8_cache_bytes(impl, device, ratio, block_size):
 
 # Decode: outputs with the op's tolerance, states on every specified row exactly.
 
-def _decode_both(impl, device, ratio, d, lengths, slot_ids, slots, fused=False, block_size=16):
-    """Run the public op and the reference on separate copies of the same states (and cache)."""
+def _decode_both(impl, device, ratio, d, lengths, slot_ids, slots, fused=False, block_size=16, require=None,
+                 cache=True):
+    """Run the public op and the reference on separate copies of the same states (and cache). require:
+    the require_supported fixture, to skip an implementation that refuses these arguments."""
     kv_state, score_state, kv, score, ape = _prefilled_states(ratio, d, lengths, slot_ids, slots, device)
     positions = torch.tensor(lengths, dtype=torch.int64)
     extra, extra_ref, pages = (), (), None
@@ -191,8 +193,12 @@ def _decode_both(impl, device, ratio, d, lengths, slot_ids, slots, fused=False, 
         extra_ref = (weight, cos, sin, pages.clone(), block_size, cache_slots)
         extra = (weight.to(device), cos.to(device), sin.to(device), pages.clone().to(device), block_size,
                  cache_slots.to(device))  # a cache of its own: .to(cpu) would share the reference's
+        if not cache:
+            extra_ref, extra = extra_ref[:3], extra[:3]
     states = (kv_state.clone(), score_state.clone())
     ids = None if slot_ids is None else slot_ids.to(device)
+    if require is not None:
+        require("compressor_decode", impl, *states, kv, score, ape, positions.to(device), ratio, ids, *extra)
     out = ops.compressor_decode(*states, kv, score, ape, positions.to(device), ratio, ids, *extra, impl=impl)
     ref_states = (kv_state.cpu(), score_state.cpu())
     expected = ref.compressor_decode(*ref_states, kv.cpu(), score.cpu(), ape.cpu(), positions, ratio,
@@ -226,6 +232,20 @@ def test_decode_matches_reference(impl, device, ratio, d):
 
 @pytest.mark.op("compressor_decode")
 @pytest.mark.parametrize("ratio", RATIOS)
+@pytest.mark.parametrize("d", WIDTHS)
+def test_decode_fused_norm_rope(impl, device, ratio, d):
+    """The fused form without the cache: bf16 entries RMS-normed and RoPE'd at the block's first position
+    (0, 2r and 5r here, so every rope pair turns), states as the reference's."""
+    lengths = (ratio - 1, 3 * ratio - 1, ratio + 1, 6 * ratio - 1)
+    slot_ids = torch.tensor([3, 0, 2, 1])
+    out, expected, states, ref_states, positions, *_ = _decode_both(impl, device, ratio, d, lengths, slot_ids, 4,
+                                                                     fused=True, cache=False)
+    assert out[0].dtype == torch.bfloat16 and out[1].tolist() == [True, True, False, True]
+    _check_decode(out, expected, states, ref_states, ratio, positions, slot_ids, 4)
+
+
+@pytest.mark.op("compressor_decode")
+@pytest.mark.parametrize("ratio", RATIOS)
 def test_decode_default_slot_ids(impl, device, ratio):
     lengths = (2 * ratio - 1, 1, ratio + 2)
     out, expected, states, ref_states, positions, *_ = _decode_both(impl, device, ratio, 128, lengths, None, 4)
@@ -246,13 +266,13 @@ def test_decode_zero_tokens_leaves_states_alone(impl, device):
 
 @pytest.mark.op("compressor_decode")
 @pytest.mark.parametrize("ratio", RATIOS)
-def test_decode_fused_fp8_cache(impl, device, ratio):
+def test_decode_fused_fp8_cache(impl, device, ratio, require_supported):
     """Fused decode: bf16 entries as the reference's; the cache gets the SPEC 1.2 form of the emitted
     entries at their cache_slots, and the slots of rows that do not emit are never written."""
     lengths = (ratio - 1, 5, 4 * ratio - 1, ratio + 1)
     slot_ids = torch.tensor([1, 3, 0, 2])
     out, expected, states, ref_states, positions, extra, extra_ref, pages = _decode_both(
-        impl, device, ratio, 512, lengths, slot_ids, 4, fused=True)
+        impl, device, ratio, 512, lengths, slot_ids, 4, fused=True, require=require_supported)
     assert out[0].dtype == torch.bfloat16
     _check_decode(out, expected, states, ref_states, ratio, positions, slot_ids, 4)
     emitted = out[1].cpu()

@@ -76,17 +76,27 @@ def test_an_invalid_table_entry_is_dropped_and_the_row_renormalised():
     assert ids[1, :K].tolist() == [-1] * K and weights[1, :K].tolist() == [0.0] * K
 
 
-@pytest.mark.parametrize("op", ["hash", "score"])
-def test_a_nan_logit_gives_nan_weights_for_its_row_only(op):
+def test_a_nan_logit_gives_nan_weights_for_its_row_only():
     args = _hash()
-    args["router_logits"][1, 17] = float("nan")  # an expert the hash row may not even select
-    if op == "hash":
-        weights, ids = dk.hash_topk(**args)
-    else:
-        weights, ids = dk.score_topk(args["router_logits"], torch.zeros(E), 6, 2.5, 1)
+    args["router_logits"][1, 17] = float("nan")  # score_topk reads every logit of the row
+    weights, ids = dk.score_topk(args["router_logits"], torch.zeros(E), 6, 2.5, 1)
     assert weights[1, :K].isnan().all()
     assert not weights[[0, 2, 3]].isnan().any()
     assert ((ids[:, :K] >= 0) & (ids[:, :K] < E)).all()
+
+
+def test_hash_topk_nan_at_a_named_expert_gives_nan_weights_elsewhere_nothing():
+    args = _hash()
+    want_w, want_ids = dk.hash_topk(**args)
+    named = args["tid2eid"][args["input_ids"][1]]
+    unnamed = next(e for e in range(E) if e not in named.tolist())
+    args["router_logits"][1, unnamed] = float("nan")   # never read: the output is unchanged
+    weights, ids = dk.hash_topk(**args)
+    assert torch.equal(weights, want_w) and torch.equal(ids, want_ids)
+    args["router_logits"][1, named[2]] = float("nan")
+    weights, ids = dk.hash_topk(**args)
+    assert weights[1, :K].isnan().all() and not weights[[0, 2, 3]].isnan().any()
+    assert torch.equal(ids, want_ids)
 
 
 def test_a_nan_bias_gives_nan_weights_everywhere_not_a_confident_choice():

@@ -14,6 +14,16 @@ rows + 2, the weighted stream sum 2 * m * dim (y), and the Sinkhorn part `sinkho
 4 m^2 (row softmax: subtract max, exp, sum, divide), m^2 (+ eps), and 2 m^2 per normalisation
 (sum, divide), of which there are 2 * iters - 1. mhc_head has m gates of 6 FLOPs and no Sinkhorn.
 mhc_post: m + 1 multiply-adds per output element, 2 (m + 1) m dim per token.
+
+Those are the minimum bytes (each tensor moved once). `kernel_bytes` counts what the Triton kernels
+(kernels/mhc/triton.py, the registered default config of the phase T selects) really move, recorded
+next to the minimum as shape["kernel_bytes"]: mix_kernel reads x (or F and X for post_pre) once and
+hc_fn once per token block (cdiv(T, MIX_BLOCK_T) times; from L2 after the first, but issued), and
+writes the split-K workspace (splits x T x (rows + 1) fp32); out_kernel reads x a second time, and
+every (token block, dim block) program re-reads the sum of squares and the 4 pre partials of its
+tokens from every split (dim block 0 also the post and comb partials), then writes y, post and comb.
+The fused post_pre reads post and comb in every split program and writes x_new once. mhc_post reads
+post and comb once per dim block. The site scales and biases are counted once.
 """
 from __future__ import annotations
 
@@ -22,6 +32,7 @@ import math
 import torch
 
 from dsv4_kernels.bench.case import Case, generator, seed_of
+from dsv4_kernels.kernels import mhc as plans
 from dsv4_kernels.shapes import MODELS, Grid, ModelConfig
 
 FAMILY = "mhc"
@@ -87,6 +98,39 @@ def post_pre_flops(tokens: int, dim: int, iters: int = ITERS, m: int = M) -> int
     return post_flops(tokens, dim, m) + pre_flops(tokens, dim, iters, m)
 
 
+def _triton_defaults(op: str) -> dict:
+    from dsv4_kernels.ops.mhc import TRITON_DEFAULTS
+    return TRITON_DEFAULTS[op]
+
+
+def kernel_bytes(op: str, tokens: int, dim: int, m: int = M) -> int:
+    """Bytes the Triton kernels of `op` move at `tokens` x `dim` under the registered default config
+    (the phase `tokens` selects; see the module docstring). 0 tokens: no launch, 0 bytes."""
+    if tokens == 0:
+        return 0
+    if op == "mhc_sinkhorn":
+        return sinkhorn_bytes(tokens, m)
+    cfg = _triton_defaults(op)
+    gates = _gates_bytes(tokens, m)
+    x = tokens * m * dim * 2
+    if op == "mhc_post":
+        dim_blocks = plans.cdiv(dim, cfg["BLOCK_D"])
+        return tokens * dim * 2 + 2 * x + dim_blocks * gates
+    rows = m if op == "mhc_head" else MIX_ROWS
+    run, splits, _ = plans.launch_plan(tokens, dim, cfg)
+    token_blocks = plans.cdiv(tokens, run["MIX_BLOCK_T"])
+    mix = token_blocks * rows * m * dim * 4 + splits * tokens * (rows + 1) * 4
+    if op == "mhc_post_pre":
+        mix += tokens * dim * 2 + 2 * x + splits * gates  # F and X read, X' written, gates per split
+    else:
+        mix += x
+    dim_blocks = plans.cdiv(dim, run["OUT_BLOCK_D"])
+    partials = splits * tokens * 4 * ((1 + m) * dim_blocks + (0 if op == "mhc_head" else rows - m))
+    out = partials + x + tokens * dim * 2 + (0 if op == "mhc_head" else gates)
+    scales = 1 if op == "mhc_head" else 3
+    return mix + out + scales * 4 + rows * 4
+
+
 def _site(dim: int, rows: int, gen, device):
     hc_fn = torch.randn(rows, M * dim, generator=gen, device=device) / math.sqrt(M * dim)
     scale = [0.5, 0.5, 2.0] if rows == MIX_ROWS else [0.8]
@@ -139,7 +183,8 @@ def cases(grid: Grid) -> list[Case]:
             for phase, t in sizes:
                 label = f"{model.name}-{phase}-dim{dim}-T{t}"
                 nbytes, flops = _models(op, t, dim)
-                shape = {"T": t, "dim": dim, "hc_mult": M, "iters": ITERS}
+                shape = {"T": t, "dim": dim, "hc_mult": M, "iters": ITERS,
+                         "kernel_bytes": kernel_bytes(op, t, dim)}
                 out.append(Case(op, FAMILY, label, model.name, phase, t, f"dim{dim}", shape, bytes=nbytes,
                                 flops=flops, compute="none", make_inputs=_inputs(op, model, t, seed_of(op, label))))
     return out

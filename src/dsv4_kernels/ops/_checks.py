@@ -60,15 +60,35 @@ def integer(name: str, value, minimum: int | None = None) -> int:
     return int(value)
 
 
-def positive_float(name: str, value, optional: bool = False) -> None:
-    """A positive finite real number (bool refused); None too when optional."""
-    expected = "None or a positive finite float" if optional else "a positive finite float"
-    if value is None and optional:
-        return
+def _finite_real(name: str, value, expected: str, low: float | None = None, strict: bool = False) -> None:
+    """A finite real number (bool refused), > low (strict) or >= low when low is given."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name}: expected {expected}, got {type(value).__name__} {value!r}")
-    if not (math.isfinite(value) and value > 0):
+    if torch.compiler.is_compiling():
+        # torch.compile(dynamic=True) may trace the float symbolically, which math.isfinite cannot read:
+        # the range becomes a check of the compiled graph (NaN fails it too).
+        message = f"{name}: expected {expected} (checked in the compiled graph)"
+        if low is not None:
+            torch._check_value(value > low if strict else value >= low, lambda: message)
+        torch._check_value(value < math.inf, lambda: message)
+        torch._check_value(value > -math.inf, lambda: message)
+        return
+    if not math.isfinite(value) or (low is not None and (value <= low if strict else value < low)):
         raise ValueError(f"{name}: expected {expected}, got {value!r}")
+
+
+def positive_float(name: str, value, optional: bool = False) -> None:
+    """A positive finite real number (bool refused); None too when optional."""
+    if value is None and optional:
+        return
+    expected = "None or a positive finite float" if optional else "a positive finite float"
+    _finite_real(name, value, expected, low=0.0, strict=True)
+
+
+def finite_float(name: str, value, minimum: float | None = None, note: str = "") -> None:
+    """A finite real number (bool refused), >= minimum when given; note is appended to "expected"."""
+    expected = f"a finite float{'' if minimum is None else f' >= {minimum:g}'}{note}"
+    _finite_real(name, value, expected, low=minimum)
 
 
 def impl_name(impl) -> str:

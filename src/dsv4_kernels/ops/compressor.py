@@ -7,12 +7,12 @@ d = 512, the FP8 cache store. Ratios 0 and 1 mean "no compression": such layers 
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
-from dsv4_kernels import dispatch
+from dsv4_kernels import dispatch, toolchains
 from dsv4_kernels.dispatch import Implementation
+from dsv4_kernels.kernels import compressor as compressor_kernels
 from dsv4_kernels.ladder import OpCheck, register_check
 from dsv4_kernels.oracles import compressor as oracle
 from dsv4_kernels.ops import _checks, _values
@@ -271,6 +271,13 @@ def validate_decode(kv_state, score_state, kv, score, ape, positions, ratio, slo
 dispatch.register(Implementation(
     OP_DECODE, "reference", "reference", _ALL_BACKENDS,
     entry="dsv4_kernels.reference.compressor:compressor_decode", priority=0))
+# Triton: one program per sequence; ROW_CHUNK state rows per step of the online softmax (kernels/compressor).
+dispatch.register(Implementation(
+    OP_DECODE, "triton", "triton", ("cpu", "cuda", "rocm"),
+    entry="dsv4_kernels.kernels.compressor.triton:compressor_decode", priority=20,
+    available=toolchains.triton_available, supports=compressor_kernels.supports_compressor_decode,
+    codegen="dsv4_kernels.kernels.compressor.triton:codegen_compressor_decode",
+    defaults={"ROW_CHUNK": 8, "num_warps": 4}))
 
 
 @torch.library.custom_op("dsv4::compressor_decode", mutates_args=("kv_state", "score_state", "kv_cache"))
@@ -363,8 +370,7 @@ def validate_norm_rope(entries, norm_weight, rope_cos, rope_sin, positions, eps=
     _checks.shape("rope_sin", rope_sin, tuple(rope_cos.shape))
     _checks.tensor("positions", positions, torch.int64, ndim=1)
     _checks.shape("positions", positions, (entries.shape[0],))
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps: expected a finite float >= 0, got {eps!r}")
+    _checks.finite_float("eps", eps, minimum=0)
     _checks.same_device(entries=entries, norm_weight=norm_weight, rope_cos=rope_cos, rope_sin=rope_sin,
                         positions=positions)
 

@@ -63,13 +63,22 @@ SPECS = {
 
 # Triton block sizes per op (compile-time; a tuned table per arch overrides them, see dispatch.config).
 # MIX_*: the split-K projection (tl.dot needs MIX_BLOCK_T >= 16; MIX_PROGRAMS is the grid size the split
-# plan aims at); OUT_*: the gates + Sinkhorn + stream-sum kernel. Chosen for decode and for no register
-# spills on the four targets (codegen); kernels/mhc/README.md explains them.
+# plan aims at; MIX_PRECISION "ieee" = one fp32 dot on the FMA units, "bf16x3" = three bf16 tensor-core
+# dots on hc_fn split into exact bf16 parts); OUT_*: the gates + Sinkhorn + stream-sum kernel. Two
+# phases (kernels.mhc.phase_config): decode below PREFILL_MIN_T tokens, hc_fn-read-bound, keeps the fp32
+# dot over many splits; prefill (each PREFILL_<KEY> replaces <KEY>) is FLOP-bound (5.6 GFLOP at T = 4096,
+# V4-Pro) and runs bf16x3. Chosen for no register spills on the four targets (codegen: bf16x3 at 32 or
+# 64 tokens per block spills on sm_90a, so prefill keeps 16); kernels/mhc/README.md explains them.
+# INVARIANT_<KEY>: batch-invariant mode (DSV4K_BATCH_INVARIANT=1): one split plan for every T, the plan
+# of one token block under INVARIANT_MIX_PROGRAMS (V4-Pro: 32 splits of 7 tiles), bf16x3.
+_PHASE_KEYS = {"PREFILL_MIN_T": 256, "PREFILL_MIX_PRECISION": "bf16x3", "PREFILL_OUT_BLOCK_T": 8,
+            "INVARIANT_MIX_PROGRAMS": 32, "INVARIANT_MIX_PRECISION": "bf16x3"}
 _TWO_STAGE = {"MIX_BLOCK_T": 16, "MIX_BLOCK_D": 32, "MIX_PROGRAMS": 256, "MIX_WARPS": 4, "MIX_STAGES": 2,
-              "OUT_BLOCK_T": 4, "OUT_BLOCK_D": 512, "SPLIT_BLOCK": 16, "OUT_WARPS": 4}
+              "MIX_PRECISION": "ieee", "OUT_BLOCK_T": 4, "OUT_BLOCK_D": 512, "OUT_WARPS": 4,
+              **_PHASE_KEYS}
 TRITON_DEFAULTS = {"mhc_sinkhorn": {"BLOCK_T": 32, "num_warps": 4}, "mhc_pre": _TWO_STAGE, "mhc_head": _TWO_STAGE,
                    "mhc_post": {"BLOCK_T": 1, "BLOCK_D": 1024, "num_warps": 4},
-                   "mhc_post_pre": {**_TWO_STAGE, "MIX_BLOCK_D": 16}}
+                   "mhc_post_pre": {**_TWO_STAGE, "MIX_BLOCK_D": 16, "PREFILL_MIX_BLOCK_D": 16}}
 # TileLang block sizes: the same values as kernels/mhc/tilelang.py's DEFAULTS (a test keeps them equal),
 # repeated here so that registering the ops does not import tilelang.
 TILELANG_DEFAULTS = {
@@ -220,6 +229,11 @@ def mhc_pre(x: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_bas
             mixes = (xf @ hc_fn.T) * rsqrt(mean(xf^2) + norm_eps), xf = x.flatten(-2).float().
     Edge cases: T = 0 gives empty outputs; an all-zero token has mixes 0 (norm_eps keeps the rsqrt
     finite), gates from the biases alone and y = 0.
+    Batch invariance: by default the Triton kernel's split-K plan (and with it the fp32 summation order
+    of the projection) depends on T, so a token's bits may differ between batches (within tolerance).
+    DSV4K_BATCH_INVARIANT=1 (read at every call; also for mhc_head and mhc_post_pre) fixes the plan for
+    every T: a token's y, post and comb bits are then the same whatever batch it is in, at the cost of
+    fewer programs at decode and more split-K workspace at prefill (kernels/mhc/README.md).
     Raises ValueError for a wrong dtype, shape (x.shape[1] != 4, dim = 0, hc_fn not [24, 4 * dim], ...),
     device or layout, iters < 1, or a non-positive or non-finite eps or norm_eps.
     """

@@ -11,7 +11,6 @@ not refuse non-finite values."""
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 
 import torch
@@ -31,15 +30,6 @@ OP_GEMM = "mxfp4_grouped_gemm"
 OP_MOE = "fp4_grouped_moe"
 ACT_BLOCK_SIZES = (32, 128)   # SPEC 5: DeepGEMM quantises activations per 32, the reference granularity is 128
 WEIGHT_BLOCK = 32             # MXFP4: one ue8m0 scale per 32 weights along K
-
-
-def _finite_float(name: str, value, note: str = "") -> None:
-    """A finite real number (bool refused). _checks has only positive_float; swiglu_limit may be <= 0."""
-    expected = f"a finite float{note}"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name}: expected {expected}, got {type(value).__name__} {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name}: expected {expected}, got {value!r}")
 
 
 def _act_block(act_block_size) -> int:
@@ -101,7 +91,7 @@ def validate_moe(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, act_bl
     _checks.shape("w2", w2, (E, dim, inter // 2))
     _checks.tensor("w2_scale", w2_scale, torch.uint8)
     _checks.shape("w2_scale", w2_scale, (E, dim, inter // WEIGHT_BLOCK))
-    _finite_float("swiglu_limit", swiglu_limit, " (<= 0 disables the clamp)")
+    _checks.finite_float("swiglu_limit", swiglu_limit, note=" (<= 0 disables the clamp)")
     tensors = dict(x=x, topk_ids=topk_ids, topk_weights=topk_weights, w13=w13, w13_scale=w13_scale, w2=w2,
                    w2_scale=w2_scale)
     if expert_map is not None:

@@ -203,7 +203,8 @@ def hash_topk(router_logits: torch.Tensor, input_ids: torch.Tensor, tid2eid: tor
     Edge cases: T = 0 gives [0, k + n] outputs. Nothing is wrapped: a token id outside [0, V) gives
     routed ids -1 with weight 0 for its row (the shared column stays); a table entry outside [0, E)
     gives id -1 with weight 0 and the row is normalised over its valid entries (an engine's MoE skips
-    id -1). A row with a NaN logit gets NaN routed weights. DSV4K_CHECK=1 (off by default; it syncs)
+    id -1). A NaN logit at one of the row's experts makes its routed weights NaN (the other logits are
+    not read). DSV4K_CHECK=1 (off by default; it syncs)
     refuses out-of-range token ids and table entries instead, naming the first one.
     Raises ValueError for a wrong dtype, rank, shape, device or layout, an empty table, k outside
     [1, E], a routed_scaling_factor that is not a positive finite number, or num_fused_shared_experts

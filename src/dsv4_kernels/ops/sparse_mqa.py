@@ -174,7 +174,8 @@ def sparse_mqa(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, attn_si
         also for a bad index or topk_length value (naming its position).
     """
     validate(q, kv, indices, attn_sink, softmax_scale, topk_length)
-    _values.check(*index_rules(indices, topk_length, kv.shape[0], f"rows of kv, N = {kv.shape[0]}"))
+    if _values.enabled():
+        _values.check(*index_rules(indices, topk_length, kv.shape[0], f"rows of kv, N = {kv.shape[0]}"))
     scale = None if softmax_scale is None else float(softmax_scale)
     return _sparse_mqa_op(q, kv, indices, attn_sink, scale, topk_length, _checks.impl_name(impl))
 
@@ -209,9 +210,9 @@ def sparse_mqa_fp8(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tenso
         length is not block_size * 584 bytes.
     """
     validate_fp8(q, kv_cache, indices, attn_sink, softmax_scale, topk_length, block_size)
-    slots = kv_cache.shape[0] * block_size
-    _values.check(*index_rules(indices, topk_length, slots,
-                               f"slots of kv_cache, {kv_cache.shape[0]} pages * block_size {block_size}"))
+    if _values.enabled():  # the message names symbolic sizes under torch.compile: build it only when used
+        _values.check(*index_rules(indices, topk_length, kv_cache.shape[0] * block_size,
+                                   f"slots of kv_cache, {kv_cache.shape[0]} pages * block_size {block_size}"))
     scale = None if softmax_scale is None else float(softmax_scale)
     return _sparse_mqa_fp8_op(q, kv_cache, indices, attn_sink, scale, topk_length, int(block_size), _checks.impl_name(impl))
 

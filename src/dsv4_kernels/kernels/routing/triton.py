@@ -3,8 +3,8 @@ gfx942 and gfx950.
 
 score_kernel: BLOCK_T tokens x all E experts per program: s = sqrt(softplus(logit)), key = s + bias,
 k rounds of (max key, smallest index among equal keys), the unbiased s gathered, normalised, scaled,
-the shared column appended. hash_kernel: the table row of each token id, s at those experts, the same
-weights. The expert count is a compile-time padding (E_PAD), the token count is not. README.md has the
+the shared column appended. hash_kernel: the table row of each token id and only the k logits it
+names, s at those experts, the same weights. The expert count is a compile-time padding (E_PAD), the token count is not. README.md has the
 numerics (softplus without log1p, the tie rule, NaN rows).
 """
 from __future__ import annotations
@@ -14,9 +14,10 @@ import triton
 import triton.language as tl
 
 from dsv4_kernels import dispatch, platform
+from dsv4_kernels.kernels._triton_util import FP_FUSION
 
 CODEGEN_EXPERTS = (256, 384)  # V4-Flash, V4-Pro
-SUM_EPS = 1e-20
+SUM_EPS = tl.constexpr(1e-20)  # a global a @triton.jit function reads must be a constexpr
 
 
 @triton.jit
@@ -94,14 +95,11 @@ def score_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, rsf, E: tl.constexpr, 
 
 @triton.jit
 def hash_kernel(logits_ptr, input_ids_ptr, table_ptr, w_ptr, ids_ptr, T, V, rsf, E: tl.constexpr,
-                E_PAD: tl.constexpr, TOPK: tl.constexpr, K_PAD: tl.constexpr, SHARED: tl.constexpr,
+                TOPK: tl.constexpr, K_PAD: tl.constexpr, SHARED: tl.constexpr,
                 APPLY_RSF: tl.constexpr, BLOCK_T: tl.constexpr):
+    # Reads only the k logits the table names: k * 4 bytes per token, not the whole row.
     t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]
     mask_t = t < T
-    e = tl.arange(0, E_PAD)
-    m = mask_t[:, None] & (e < E)[None, :]
-    x = tl.load(logits_ptr + t[:, None] * E + e[None, :], mask=m, other=0.0).to(tl.float32)  # [BT, EP]
-    nan_row = tl.max(tl.where(m & (x != x), 1, 0), axis=1) > 0
     tok = tl.load(input_ids_ptr + t, mask=mask_t, other=-1).to(tl.int64)
     tok_ok = mask_t & (tok >= 0) & (tok < V)                     # never wrapped: a bad id reads no row
     kk = tl.arange(0, K_PAD)
@@ -111,6 +109,7 @@ def hash_kernel(logits_ptr, input_ids_ptr, table_ptr, w_ptr, ids_ptr, T, V, rsf,
     valid = ids >= 0
     xs = tl.load(logits_ptr + t[:, None] * E + ids.to(tl.int64), mask=valid & mask_t[:, None], other=0.0)
     w = tl.where(valid, _sqrt_softplus(xs.to(tl.float32)), 0.0)  # s at the table's experts
+    nan_row = tl.max(tl.where(w != w, 1, 0), axis=1) > 0
     _finish(w, ids, nan_row, t, mask_t, kk, w_ptr, ids_ptr, rsf, TOPK, E, SHARED, True, APPLY_RSF)
 
 
@@ -139,7 +138,8 @@ def score_topk(router_logits, bias, topk=6, routed_scaling_factor=1.0, num_fused
     score_kernel[(triton.cdiv(T, cfg["BLOCK_T"]),)](
         router_logits, bias, weights, ids, T, float(routed_scaling_factor), E=E, E_PAD=e_pad, TOPK=topk,
         K_PAD=k_pad, SHARED=num_fused_shared_experts, RENORMALIZE=renormalize,
-        APPLY_RSF=apply_routed_scaling_factor_on_output, BLOCK_T=cfg["BLOCK_T"], num_warps=cfg["num_warps"])
+        APPLY_RSF=apply_routed_scaling_factor_on_output, BLOCK_T=cfg["BLOCK_T"], num_warps=cfg["num_warps"],
+        enable_fp_fusion=FP_FUSION)
     return weights, ids
 
 
@@ -152,32 +152,33 @@ def hash_topk(router_logits, input_ids, tid2eid, num_fused_shared_experts=0, rou
     if T == 0:
         return weights, ids
     cfg = _config("hash_topk", router_logits)
-    e_pad, k_pad = _pads(E, width)
+    _, k_pad = _pads(E, width)
     hash_kernel[(triton.cdiv(T, cfg["BLOCK_T"]),)](
         router_logits, input_ids, tid2eid, weights, ids, T, tid2eid.shape[0], float(routed_scaling_factor), E=E,
-        E_PAD=e_pad, TOPK=topk, K_PAD=k_pad, SHARED=num_fused_shared_experts,
-        APPLY_RSF=apply_routed_scaling_factor_on_output, BLOCK_T=cfg["BLOCK_T"], num_warps=cfg["num_warps"])
+        TOPK=topk, K_PAD=k_pad, SHARED=num_fused_shared_experts,
+        APPLY_RSF=apply_routed_scaling_factor_on_output, BLOCK_T=cfg["BLOCK_T"], num_warps=cfg["num_warps"],
+        enable_fp_fusion=FP_FUSION)
     return weights, ids
 
 
-def _specs(op: str, kernel, signature: dict, extra: dict) -> list:
+def _specs(op: str, kernel, signature: dict) -> list:
     from dsv4_kernels.codegen import TritonKernel
     cfg = dispatch.get(op, "triton").defaults
     specs = []
     for E, logits in zip(CODEGEN_EXPERTS, ("fp32", "bf16")):  # both models, both logit dtypes
         e_pad, k_pad = _pads(E, 7)
+        score = {"E_PAD": e_pad, "RENORMALIZE": True} if kernel is score_kernel else {}
         specs.append(TritonKernel(kernel, {"logits_ptr": f"*{logits}", **signature}, {
-            "E": E, "E_PAD": e_pad, "TOPK": 6, "K_PAD": k_pad, "SHARED": 1, "APPLY_RSF": False,
-            "BLOCK_T": cfg["BLOCK_T"], **extra}, num_warps=cfg["num_warps"], label=f"E{E}-{logits}"))
+            "E": E, "TOPK": 6, "K_PAD": k_pad, "SHARED": 1, "APPLY_RSF": False, "BLOCK_T": cfg["BLOCK_T"],
+            **score}, num_warps=cfg["num_warps"], label=f"E{E}-{logits}"))
     return specs
 
 
 def codegen_score_topk(target) -> list:
     return _specs("score_topk", score_kernel, {"bias_ptr": "*fp32", "w_ptr": "*fp32", "ids_ptr": "*i32",
-                                               "T": "i32", "rsf": "fp32"}, {"RENORMALIZE": True})
+                                               "T": "i32", "rsf": "fp32"})
 
 
 def codegen_hash_topk(target) -> list:
     return _specs("hash_topk", hash_kernel, {"input_ids_ptr": "*i64", "table_ptr": "*i32", "w_ptr": "*fp32",
-                                             "ids_ptr": "*i32", "T": "i32", "V": "i64", "rsf": "fp32"}, {})
-
+                                             "ids_ptr": "*i32", "T": "i32", "V": "i64", "rsf": "fp32"})

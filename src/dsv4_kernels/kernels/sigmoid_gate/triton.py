@@ -4,6 +4,7 @@ import triton
 import triton.language as tl
 
 from dsv4_kernels import dispatch, platform
+from dsv4_kernels.kernels._triton_util import FP_FUSION
 
 
 @triton.jit
@@ -22,7 +23,8 @@ def sigmoid_gate(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         return out
     cfg = dispatch.config(dispatch.get("sigmoid_gate", "triton"), platform.device_info(x))
     grid = (triton.cdiv(n, cfg["BLOCK"]),)
-    sigmoid_gate_kernel[grid](x, gate, out, n, BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"])
+    sigmoid_gate_kernel[grid](x, gate, out, n, BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"],
+                              enable_fp_fusion=FP_FUSION)
     return out
 
 
@@ -30,5 +32,6 @@ def codegen(target) -> list:
     from dsv4_kernels.codegen import TritonKernel
     cfg = dispatch.get("sigmoid_gate", "triton").defaults
     return [TritonKernel(sigmoid_gate_kernel, {"x_ptr": f"*{t}", "g_ptr": f"*{t}", "out_ptr": f"*{t}", "n": "i64"},
-                         {"BLOCK": cfg["BLOCK"]}, num_warps=cfg["num_warps"], label=t)
+                         {"BLOCK": cfg["BLOCK"]}, num_warps=cfg["num_warps"], label=t,
+                         expects={"vector_loads": None})  # the mask on n vectorises only where n % 16 == 0
             for t in ("bf16", "fp32")]

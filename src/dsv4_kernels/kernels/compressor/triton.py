@@ -1,0 +1,150 @@
+"""Triton source of the compressor decode step (SPEC 2): one launch for a batch of sequences, one source
+for sm_90a, sm_100a, gfx942 and gfx950.
+
+decode_kernel, one program per row b: write (kv, score + ape[p mod r]) into row off + p mod r of state
+slot slot_ids[b]; if the block completes (decided on the device), pool the block's rows per channel with an
+online softmax over row chunks (the row just written comes from registers, not from memory), shift the
+ratio-4 state, and write the entry: fp32, or RMSNorm + interleaved RoPE on the last 64 dims in bf16 (the
+fused form). Invalid rows (slot outside the state, negative position, RoPE position past the tables)
+read and write nothing and emit nothing.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from dsv4_kernels import dispatch, platform
+from dsv4_kernels.kernels._triton_util import FP_FUSION, bf16_rne
+
+ROPE_PAIRS = 32
+
+
+@triton.jit
+def _pool(state_kv, state_sc, base, cur_kv, cur_sc, d, NROWS: tl.constexpr, HALF: tl.constexpr,
+          D: tl.constexpr, W: tl.constexpr, ROW_CHUNK: tl.constexpr):
+    # [D] = sum_rows softmax_rows(score) * kv per channel, over rows 0 .. NROWS-2 of the state (row i reads
+    # channels (i >= HALF) * D + d: ratio 4 pools the A halves of rows 0:4, the B halves of rows 4:8) and the
+    # current row (cur_*, in registers). Online softmax: running max m, denominator l, numerator acc.
+    m = tl.full([D], float("-inf"), tl.float32)
+    l = tl.zeros([D], dtype=tl.float32)
+    acc = tl.zeros([D], dtype=tl.float32)
+    rc = tl.arange(0, ROW_CHUNK)
+    for r0 in range(0, NROWS - 1, ROW_CHUNK):
+        rows = r0 + rc                                                           # [RC]
+        ok = rows < NROWS - 1
+        offs = base + rows[:, None].to(tl.int64) * W + (rows >= HALF)[:, None] * D + d[None, :]  # [RC, D]
+        s = tl.load(state_sc + offs, mask=ok[:, None], other=float("-inf"))
+        k = tl.load(state_kv + offs, mask=ok[:, None], other=0.0)
+        m_new = tl.maximum(m, tl.max(s, axis=0))
+        alpha = tl.where(m == m_new, 1.0, tl.exp(m - m_new))
+        e = tl.where(s == float("-inf"), 0.0, tl.exp(s - m_new[None, :]))
+        l = l * alpha + tl.sum(e, axis=0)
+        acc = acc * alpha + tl.sum(e * k, axis=0)
+        m = m_new
+    m_new = tl.maximum(m, cur_sc)
+    alpha = tl.where(m == m_new, 1.0, tl.exp(m - m_new))
+    e = tl.where(cur_sc == float("-inf"), 0.0, tl.exp(cur_sc - m_new))
+    return (acc * alpha + e * cur_kv) / (l * alpha + e)  # all -inf scores: 0 / 0 = NaN, as the reference
+
+
+@triton.jit
+def _norm_rope(x, w_ptr, cos_ptr, sin_ptr, pos, eps, d, D: tl.constexpr):
+    # [D] fp32 -> [D] bf16: y = bf16(x * rsqrt(mean(x^2) + eps) * w); pairs (y[2i], y[2i+1]) of the last 64
+    # dims rotated by the angle at pos in fp32 on the bf16 values, rounded to bf16
+    y = bf16_rne(x * tl.math.rsqrt(tl.sum(x * x, axis=0) / D + eps) * tl.load(w_ptr + d)).to(tl.float32)
+    even, odd = tl.split(tl.reshape(y, (D // 2, 2)))                              # [D/2] each
+    i = tl.arange(0, D // 2) - (D // 2 - 32)                                      # pair index in the rope dims
+    rope = i >= 0
+    c = tl.load(cos_ptr + pos * 32 + i, mask=rope, other=1.0)
+    s = tl.load(sin_ptr + pos * 32 + i, mask=rope, other=0.0)
+    out = tl.reshape(tl.join(even * c - odd * s, even * s + odd * c), (D,))
+    return tl.where(tl.reshape(tl.join(rope, rope), (D,)), bf16_rne(out), bf16_rne(y))
+
+
+@triton.jit
+def decode_kernel(kv_state, score_state, kv_ptr, score_ptr, ape_ptr, pos_ptr, slot_ptr, entries_ptr, emitted_ptr,
+                  w_ptr, cos_ptr, sin_ptr, slots, rope_rows, eps, R: tl.constexpr, COFF: tl.constexpr,
+                  D: tl.constexpr, HAS_SLOTS: tl.constexpr, FUSED: tl.constexpr, ROW_CHUNK: tl.constexpr):
+    W: tl.constexpr = COFF * D
+    NROWS: tl.constexpr = COFF * R                    # rows pooled by one entry (8 for ratio 4, 128 for 128)
+    OFF: tl.constexpr = R if COFF == 2 else 0         # ratio 4 writes the current block to rows 4:8
+    b = tl.program_id(0).to(tl.int64)
+    p = tl.load(pos_ptr + b)
+    slot = b
+    if HAS_SLOTS:
+        slot = tl.load(slot_ptr + b)
+    valid = (slot >= 0) & (slot < slots) & (p >= 0)   # never wrapped: an invalid row touches nothing
+    if FUSED:
+        valid = valid & (p + 1 - R < rope_rows)
+    phase = tl.where(valid, p % R, 0)
+    c = tl.arange(0, W)
+    kv = tl.load(kv_ptr + b * W + c)
+    sc = tl.load(score_ptr + b * W + c) + tl.load(ape_ptr + phase * W + c)   # sc' = sc + ape[p mod r]
+    base = tl.where(valid, slot, 0) * NROWS * W
+    if valid:  # a branch, not a mask: the interpreter refuses a scalar & vector mask
+        tl.store(kv_state + base + (OFF + phase) * W + c, kv)
+        tl.store(score_state + base + (OFF + phase) * W + c, sc)
+    emit = valid & (phase == R - 1)
+    d = tl.arange(0, D)
+    if emit:
+        half = (COFF - 1) * D    # the current row contributes its B half (ratio 4) or all of it (ratio 128)
+        cur_kv = tl.load(kv_ptr + b * W + half + d)
+        cur_sc = tl.load(score_ptr + b * W + half + d) + tl.load(ape_ptr + phase * W + half + d)
+        pooled = _pool(kv_state, score_state, base, cur_kv, cur_sc, d, NROWS, R if COFF == 2 else NROWS, D, W,
+                       ROW_CHUNK)
+        if COFF == 2:  # rows 0:4 <- rows 4:8 (row 7 is the current row, still in registers)
+            tl.debug_barrier()
+            for i in tl.static_range(R - 1):
+                row_kv = tl.load(kv_state + base + (R + i) * W + c)
+                row_sc = tl.load(score_state + base + (R + i) * W + c)
+                tl.store(kv_state + base + i * W + c, row_kv)
+                tl.store(score_state + base + i * W + c, row_sc)
+            tl.store(kv_state + base + (R - 1) * W + c, kv)
+            tl.store(score_state + base + (R - 1) * W + c, sc)
+        if FUSED:
+            tl.store(entries_ptr + b * D + d, _norm_rope(pooled, w_ptr, cos_ptr, sin_ptr, p + 1 - R, eps, d, D))
+        else:
+            tl.store(entries_ptr + b * D + d, pooled)
+    else:
+        if FUSED:
+            tl.store(entries_ptr + b * D + d, tl.zeros([D], dtype=tl.bfloat16))
+        else:
+            tl.store(entries_ptr + b * D + d, tl.zeros([D], dtype=tl.float32))
+    tl.store(emitted_ptr + b, emit.to(tl.int8))
+
+
+def compressor_decode(kv_state, score_state, kv, score, ape, positions, ratio, slot_ids=None, norm_weight=None,
+                      rope_cos=None, rope_sin=None, kv_cache=None, cache_block_size=64, cache_slots=None):
+    import torch
+    batch, width = kv.shape
+    coff = 2 if ratio == 4 else 1
+    d = width // coff
+    fused = norm_weight is not None
+    entries = torch.empty((batch, d), dtype=torch.bfloat16 if fused else torch.float32, device=kv.device)
+    emitted = torch.empty((batch,), dtype=torch.bool, device=kv.device)
+    if batch == 0:
+        return entries, emitted
+    cfg = dispatch.config(dispatch.get("compressor_decode", "triton"), platform.device_info(kv))
+    dummy = kv  # pointers the specialisation never reads
+    decode_kernel[(batch,)](
+        kv_state, score_state, kv, score, ape, positions, slot_ids if slot_ids is not None else positions,
+        entries, emitted.view(torch.int8), norm_weight if fused else dummy, rope_cos if fused else dummy,
+        rope_sin if fused else dummy, kv_state.shape[0], rope_cos.shape[0] if fused else 0, 1e-6,
+        R=ratio, COFF=coff, D=d, HAS_SLOTS=slot_ids is not None, FUSED=fused, ROW_CHUNK=cfg["ROW_CHUNK"],
+        num_warps=cfg["num_warps"], enable_fp_fusion=FP_FUSION)
+    return entries, emitted
+
+
+def codegen_compressor_decode(target) -> list:
+    from dsv4_kernels.codegen import TritonKernel
+    cfg = dispatch.get("compressor_decode", "triton").defaults
+    sig = {"kv_state": "*fp32", "score_state": "*fp32", "kv_ptr": "*fp32", "score_ptr": "*fp32", "ape_ptr": "*fp32",
+           "pos_ptr": "*i64", "slot_ptr": "*i64", "entries_ptr": "*fp32", "emitted_ptr": "*i8", "w_ptr": "*fp32",
+           "cos_ptr": "*fp32", "sin_ptr": "*fp32", "slots": "i64", "rope_rows": "i64", "eps": "fp32"}
+    specs = []
+    for ratio, d, fused in ((4, 512, True), (128, 512, True), (4, 128, False), (128, 128, False)):
+        s = dict(sig, entries_ptr="*bf16" if fused else "*fp32")
+        specs.append(TritonKernel(decode_kernel, s, {"R": ratio, "COFF": 2 if ratio == 4 else 1, "D": d,
+                                                     "HAS_SLOTS": True, "FUSED": fused, "ROW_CHUNK": cfg["ROW_CHUNK"]},
+                                  num_warps=cfg["num_warps"], label=f"r{ratio}-d{d}" + ("-fused" if fused else "")))
+    return specs
