@@ -26,7 +26,7 @@ from dsv4_kernels.reference import routing as reference  # noqa: E402
 TARGETS = ("sm_90a", "sm_100a", "gfx942", "gfx950")
 OPS = (ops.SCORE_OP, ops.HASH_OP)
 LABELS = {ops.SCORE_OP: ["E256-fp32", "E384-bf16"], ops.HASH_OP: ["E256-fp32-ids64", "E384-bf16-ids32"]}
-# The row load of each spec: E256 fp32 in 16-byte vectors (VEC 4), E384 bf16 in 8-byte ones (VEC 4).
+# score_topk's row load: E256 fp32 in 16-byte vectors (VEC 4), E384 bf16 in 8-byte ones (VEC 4).
 ROW_VECTOR = {"E256": "float4", "E384": "uint2"}
 MODELS = {"flash": (256, 1.5), "pro": (384, 2.5)}  # (routed experts E, routed_scaling_factor)
 VOCAB = 129280
@@ -51,7 +51,10 @@ def test_codegen(op, target, codegen_results, request):
         assert "int n" in a.text, f"{a.label}: the token count is not symbolic"
         if op == ops.HASH_OP:
             assert "int V" in a.text, f"{a.label}: the table row count is not symbolic"
-        assert f"*({ROW_VECTOR[a.label[:4]]}*)(X + " in a.text, f"{a.label}: the row is not loaded in vectors"
+            # Only the k logits the table names are read: scalar gathers, no vector load of the row.
+            assert "X[" in a.text and "*)(X + " not in a.text, f"{a.label}: the whole row is read"
+        else:
+            assert f"*({ROW_VECTOR[a.label[:4]]}*)(X + " in a.text, f"{a.label}: the row is not loaded in vectors"
         assert shuffle in a.text and ", 32)" in a.text, f"{a.label}: expected 32-lane xor shuffles"
         assert "expf(" in a.text and "__expf(" not in a.text, f"{a.label}: expected libm expf, not the fast one"
         if backend == "cuda":
@@ -130,8 +133,10 @@ def test_supports_accepts_what_the_kernels_were_built_for(E, dtype):
         assert tl.supports_score_topk(*_score(n, E, dtype, min(E, 6)), 2.5, 1) is None
         for ids in (torch.int32, torch.int64):
             assert tl.supports_hash_topk(*_hash(n, E, dtype, min(E, 6), ids), 1, 2.5) is None
-    # E = 7: one expert per vector, so 4-byte alignment is enough.
+    # E = 7: one expert per vector, so 4-byte alignment is enough; hash_topk gathers scalars.
     assert tl.supports_score_topk(_shifted(torch.zeros(3, 7), 1), torch.zeros(7), 6) is None
+    assert tl.supports_hash_topk(_shifted(torch.zeros(3, 256), 1), torch.arange(3),
+                                 torch.zeros(10, 6, dtype=torch.int32)) is None
 
 
 def _meta(*shape, dtype=torch.float32):
@@ -144,12 +149,14 @@ REFUSALS = [
     ("fp16 logits", lambda: tl.supports_hash_topk(*_hash(dtype=torch.float16)), "fp32 or bf16"),
     ("misaligned fp32 logits", lambda: tl.supports_score_topk(_shifted(torch.zeros(3, 256), 1), torch.zeros(256), 6),
      "router_logits: the TileLang kernels load 16-byte vectors"),
-    ("misaligned bf16 logits", lambda: tl.supports_hash_topk(
-        _shifted(torch.zeros(3, 384, dtype=torch.bfloat16), 2), torch.arange(3), torch.zeros(10, 6, dtype=torch.int32)),
+    ("misaligned bf16 logits", lambda: tl.supports_score_topk(
+        _shifted(torch.zeros(3, 384, dtype=torch.bfloat16), 2), torch.zeros(384), 6),
      "router_logits: the TileLang kernels load 8-byte vectors"),
     ("misaligned bias", lambda: tl.supports_score_topk(torch.zeros(3, 256), _shifted(torch.zeros(256), 2), 6),
      "bias: the TileLang kernels load 16-byte vectors"),
     ("2^31 tokens", lambda: tl.supports_score_topk(_meta(2**31, 256), _meta(256), 6), "int32 token count"),
+    ("2^31 hash tokens", lambda: tl.supports_hash_topk(_meta(2**31, 256), _meta(2**31, dtype=torch.int64),
+                                                       _meta(10, 6, dtype=torch.int32)), "int32 token count"),
     ("2^31 table rows", lambda: tl.supports_hash_topk(_meta(3, 256), _meta(3, dtype=torch.int64),
                                                       _meta(2**31, 6, dtype=torch.int32)), "int32 table row count"),
 ]
@@ -282,16 +289,21 @@ def test_device_nan_rows(device):
     logits, bias = torch.randn(9, E), torch.zeros(E)
     logits[2, 17] = float("nan")
     logits[5, :] = float("nan")
-    table = torch.randint(0, E, (50, 6), dtype=torch.int32)
-    input_ids = torch.randint(0, 50, (9,))
     w, ids = (t.cpu() for t in score_topk(*_on(device, logits, bias), 6, 2.5, 1, impl="tilelang"))
     assert w[[2, 5], :6].isnan().all() and not w[:, 6].isnan().any()
     for r in (2, 5):  # a NaN key selects as -inf: still six distinct experts, never a confident choice
         assert len(set(ids[r, :6].tolist())) == 6 and ((ids[r, :6] >= 0) & (ids[r, :6] < E)).all()
     good = [0, 1, 3, 4, 6, 7, 8]
     _compare(ops.SCORE_OP, (w[good], ids[good]), reference.score_topk(logits[good], bias, 6, 2.5, 1))
-    args = (logits, input_ids, table, 1, 2.5)
-    _compare(ops.HASH_OP, hash_topk(*_on(device, *args[:3]), *args[3:], impl="tilelang"), reference.hash_topk(*args))
+    # hash_topk reads only the k logits the table names: NaN there gives NaN weights, elsewhere nothing.
+    table = torch.arange(6 * 50, dtype=torch.int32).view(50, 6) % E  # table row r: experts 6r .. 6r + 5
+    input_ids = torch.tensor([2, 2, 2, 30, 30, 30, 40, 40, 40])  # row 2 names expert 17
+    hash_logits = logits.clone()
+    hash_logits[6, 100] = float("nan")  # an expert row 40 does not name
+    args = (hash_logits, input_ids, table, 1, 2.5)
+    w, ids = hash_topk(*_on(device, *args[:3]), *args[3:], impl="tilelang")
+    _compare(ops.HASH_OP, (w, ids), reference.hash_topk(*args))
+    assert w.cpu()[[2, 5], :6].isnan().all() and not w.cpu()[[0, 1, 3, 4, 6, 7, 8]].isnan().any()
     nan_bias = bias.clone()
     nan_bias[5] = float("nan")
     w, ids = score_topk(*_on(device, logits[good], nan_bias), 6, 2.5, 0, impl="tilelang")

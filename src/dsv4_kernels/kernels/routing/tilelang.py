@@ -2,13 +2,13 @@
 sm_90a, sm_100a, gfx942 and gfx950.
 
 One 32-lane group per token, TOKENS tokens per block (32 * TOKENS threads, grid ceil(T / TOKENS)).
-Lane l holds experts e = step * 32 * VEC + l * VEC + v (VEC consecutive experts per vector load, STEPS
-loads), so a group reads its row of logits coalesced and every per-expert value lives in registers.
+score: lane l holds experts e = step * 32 * VEC + l * VEC + v (VEC consecutive experts per vector load,
+STEPS loads), so a group reads its row of logits coalesced and every per-expert value lives in registers.
 - `score_kernel`: s = sqrt(softplus(logit)), key = s + bias; k rounds of (local best over the lane's
   untaken experts, then a 5-step xor butterfly of (key, expert, s) keeping the larger key, the smaller
   expert among equal keys); the owner lane marks the winner taken and lane j keeps round j's (s, id).
-- `hash_kernel`: the row is read only for its NaN flag; lane j < k reads tid2eid[token, j] and the
-  logit at that expert and forms its s.
+- `hash_kernel`: lane j < k reads tid2eid[token, j] and only the logit it names (k logits per token)
+  and forms its s; a NaN among them makes the row's weights NaN.
 - `_finish` (both): a butterfly sum of the k lane weights, w / (sum + 1e-20), the scaling factor, NaN
   rows, the shared column (lane k), and lane j stores column j.
 E, the logit dtype, top-k and the conventions are compile-time; the token count (and the vocabulary)
@@ -68,7 +68,7 @@ def _sqrt_softplus(x, sp, dst, i):
     # dst[i] = sqrt(softplus(x)), softplus(x) = max(x, 0) + log1p(exp(-|x|)); log1p(z) = 2 atanh(w),
     # w = z / (2 + z) <= 1/3, by its odd series to w^16 (as triton.py: exp, division, FMAs, sqrt; no fast
     # math, so division and sqrt are IEEE). sp: [3] fp32 scratch (z, w, w^2).
-    sp[0] = T.call_pure_extern(F32, "expf", -T.abs(x))  # libm expf on CUDA and HIP (T.exp is __expf on HIP)
+    sp[0] = T.call_pure_extern(F32, "expf", -T.abs(x))  # the precise expf on CUDA and HIP (T.exp: __expf on HIP)
     sp[1] = sp[0] / (2.0 + sp[0])
     sp[2] = sp[1] * sp[1]
     dst[i] = T.sqrt(T.max(x, 0.0) + 2.0 * sp[1] * (((((((((1.0 / 17.0) * sp[2] + 1.0 / 15.0) * sp[2] + 1.0 / 13.0)
@@ -200,11 +200,10 @@ def make_score_kernel(E: int, dtype: str, topk: int, shared_experts: int, renorm
 
 def make_hash_kernel(E: int, dtype: str, id_dtype: str, topk: int, shared_experts: int, apply_rsf: bool,
                      tokens: int):
-    """hash_topk: weights, ids [T, topk + shared]; grid ceil(T / tokens), 32 * tokens threads."""
+    """hash_topk: weights, ids [T, topk + shared]; grid ceil(T / tokens), 32 * tokens threads. Lane j < topk
+    reads tid2eid[token, j] and the one logit it names: k logits per token, never the whole row."""
     width = topk + shared_experts
     _check_config(E, topk, width, tokens)
-    VEC, STEPS = lane_plan(E, dtype)
-    NL = VEC * STEPS
     n = T.dynamic("n")
     V = T.dynamic("V")
 
@@ -216,19 +215,13 @@ def make_hash_kernel(E: int, dtype: str, id_dtype: str, topk: int, shared_expert
             lane = tx % LANES
             t = bx * tokens + tx // LANES
             row = T.min(t, n - 1)
-            xv = T.alloc_local((NL,), dtype)
             sp = T.alloc_local((3,), F32)
             nan = T.alloc_local((1,), I32)
             tok = T.alloc_local((1,), id_dtype)
             mine = T.alloc_local((1,), F32)
             mine_id = T.alloc_local((1,), I32)
-            _load_row(X, row, lane, xv, VEC, STEPS, E, dtype)
-            nan[0] = 0
-            for i in T.unroll(NL):
-                if T.isnan(T.cast(xv[i], F32)):
-                    nan[0] = 1  # padding vectors hold 0
-            _any_lane(nan)
             tok[0] = TOK[row]
+            nan[0] = 0
             mine[0] = 0.0
             mine_id[0] = 0
             if lane < topk:
@@ -239,6 +232,9 @@ def make_hash_kernel(E: int, dtype: str, id_dtype: str, topk: int, shared_expert
                         mine_id[0] = -1
                 if mine_id[0] >= 0:
                     _sqrt_softplus(T.cast(X[row, mine_id[0]], F32), sp, mine, 0)  # s at the table's expert
+                    if T.isnan(mine[0]):
+                        nan[0] = 1                                       # a NaN among the row's experts
+            _any_lane(nan)
             _finish(W, IDS, t, n, lane, mine, mine_id, nan, rsf, topk, E, shared_experts, True, apply_rsf)
 
     return hash_kernel
@@ -305,28 +301,24 @@ def _aligned_reason(name: str, t: torch.Tensor, nbytes: int) -> str | None:
     return None
 
 
-def _logits_reason(router_logits) -> str | None:
-    n, E = router_logits.shape
-    vec, _ = lane_plan(E, TL_DTYPES[router_logits.dtype])
-    return (_count_reason("token", n)
-            or _aligned_reason("router_logits", router_logits, vec * router_logits.element_size()))
-
-
 def supports_score_topk(router_logits, bias, topk=6, routed_scaling_factor=1.0, num_fused_shared_experts=0,
                         apply_routed_scaling_factor_on_output=False, renormalize=True) -> str | None:
     reason = shared.supports_score_topk(router_logits, bias, topk, routed_scaling_factor, num_fused_shared_experts,
                                         apply_routed_scaling_factor_on_output, renormalize)
     if reason:
         return reason
-    vec, _ = lane_plan(router_logits.shape[1], TL_DTYPES[router_logits.dtype])
-    return _logits_reason(router_logits) or _aligned_reason("bias", bias, 4 * min(vec, 4))
+    n, E = router_logits.shape
+    vec, _ = lane_plan(E, TL_DTYPES[router_logits.dtype])
+    return (_count_reason("token", n)
+            or _aligned_reason("router_logits", router_logits, vec * router_logits.element_size())
+            or _aligned_reason("bias", bias, 4 * min(vec, 4)))
 
 
 def supports_hash_topk(router_logits, input_ids, tid2eid, num_fused_shared_experts=0, routed_scaling_factor=1.0,
                        apply_routed_scaling_factor_on_output=False) -> str | None:
     return (shared.supports_hash_topk(router_logits, input_ids, tid2eid, num_fused_shared_experts,
                                       routed_scaling_factor, apply_routed_scaling_factor_on_output)
-            or _logits_reason(router_logits) or _count_reason("table row", tid2eid.shape[0]))
+            or _count_reason("token", router_logits.shape[0]) or _count_reason("table row", tid2eid.shape[0]))
 
 
 def _codegen_config(op: str) -> dict:
