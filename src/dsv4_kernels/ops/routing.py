@@ -79,6 +79,20 @@ def validate_hash_topk(router_logits, input_ids, tid2eid, num_fused_shared_exper
 
 # Triton: BLOCK_T tokens per program, all experts of a token in one program (kernels/routing/README.md).
 TRITON_DEFAULTS = {SCORE_OP: {"BLOCK_T": 4, "num_warps": 4}, HASH_OP: {"BLOCK_T": 4, "num_warps": 4}}
+# TileLang: TOKENS 32-lane groups (one token each) per block; the same values as kernels/routing/tilelang.py's
+# DEFAULTS (a test keeps them equal), repeated here so that registering the ops does not import tilelang.
+TILELANG_DEFAULTS = {SCORE_OP: {"TOKENS": 4}, HASH_OP: {"TOKENS": 4}}
+
+
+def _imported_on_use(entry: str):
+    """A supports() hook that imports its module on the first call: registering must not import tilelang."""
+    module, _, attr = entry.partition(":")
+
+    def supports(*args, **kwargs):
+        import importlib
+        return getattr(importlib.import_module(module), attr)(*args, **kwargs)
+    return supports
+
 
 for _op in (SCORE_OP, HASH_OP):
     dispatch.register(Implementation(
@@ -89,6 +103,14 @@ for _op in (SCORE_OP, HASH_OP):
         entry=f"dsv4_kernels.kernels.routing.triton:{_op}", priority=20,
         available=toolchains.triton_available, supports=getattr(routing_kernels, f"supports_{_op}"),
         codegen=f"dsv4_kernels.kernels.routing.triton:codegen_{_op}", defaults=dict(TRITON_DEFAULTS[_op])))
+    # TileLang GPU kernels cannot run on this CPU-only build machine (codegen-verified only): lower priority.
+    # They serve kernels.routing's shapes plus their own limits (int32 counts, aligned vector loads).
+    dispatch.register(Implementation(
+        _op, "tilelang", "tilelang", ("cuda", "rocm"),
+        entry=f"dsv4_kernels.kernels.routing.tilelang:{_op}", priority=10,
+        available=toolchains.tilelang_available,
+        supports=_imported_on_use(f"dsv4_kernels.kernels.routing.tilelang:supports_{_op}"),
+        codegen=f"dsv4_kernels.kernels.routing.tilelang:codegen_{_op}", defaults=dict(TILELANG_DEFAULTS[_op])))
 
 
 def _fake_outputs(like: torch.Tensor, rows, cols) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""MoE routing kernels (SPEC 3): triton.py, one fused launch per op for every GPU target.
+"""MoE routing kernels (SPEC 3): triton.py and tilelang.py, one fused launch per op for every GPU target.
 
 This module holds what needs no toolchain: the shapes the kernels were built for (the `supports_*`
 guards the dispatcher asks before a launch). README.md has the design.
