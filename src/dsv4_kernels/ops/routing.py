@@ -2,7 +2,7 @@
 
 Both take the fp32 gate logits, compute s = sqrt(softplus(logits)) and return (weights fp32, ids int32)
 with the routed weights normalised from s alone. Implementations: the PyTorch reference and one fused
-Triton kernel per op (kernels/routing/triton.py; up to 512 experts and top-16).
+kernel per op and language (kernels/routing/triton.py and tilelang.py; up to 512 experts and top-16).
 """
 from __future__ import annotations
 
@@ -163,7 +163,7 @@ def score_topk(router_logits: torch.Tensor, bias: torch.Tensor, topk: int = 6, r
     apply_routed_scaling_factor_on_output: bool; True multiplies the routed weights by the factor (the
         official model's arithmetic) and gives the shared column 1.0.
     renormalize: bool; False returns the raw selected s (a checkpoint's norm_topk_prob=False).
-    impl: run this implementation ("reference", "triton") or raise.
+    impl: run this implementation ("reference", "triton", "tilelang") or raise.
     Returns (weights, ids), both [T, topk + num_fused_shared_experts]:
         weights fp32: routed columns s[ids] / (sum of those s + 1e-20), so a row sums to 1 (0 if every
             selected s is 0); times routed_scaling_factor when applied on the output;
@@ -195,7 +195,7 @@ def hash_topk(router_logits: torch.Tensor, input_ids: torch.Tensor, tid2eid: tor
     routed_scaling_factor: positive finite float, as in score_topk (by default it only sets the shared
         column's weight, 1 / routed_scaling_factor).
     apply_routed_scaling_factor_on_output: bool, as in score_topk.
-    impl: run this implementation ("reference", "triton") or raise.
+    impl: run this implementation ("reference", "triton", "tilelang") or raise.
     Returns (weights, ids), both [T, k + num_fused_shared_experts]:
         ids int32: tid2eid[input_ids] in table order (not sorted), then E for the shared column;
         weights fp32: s = sqrt(softplus(router_logits)) gathered at ids and normalised as in score_topk
