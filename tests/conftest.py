@@ -143,6 +143,17 @@ def require_supported():
 
 
 @pytest.fixture(autouse=True)
+def _fresh_dispatch_cache():
+    """Every test starts and ends with an empty selection and config cache: a test that patches an
+    implementation's defaults (monkeypatch.setitem(impl.defaults, ...)) must get a config built from them,
+    not one cached by an earlier test, and must not leave its own behind."""
+    from dsv4_kernels import dispatch
+    dispatch.clear_cache()
+    yield
+    dispatch.clear_cache()
+
+
+@pytest.fixture(autouse=True)
 def _seed(request):
     """Seed torch, random and numpy from the test id (and --seed): reproducible and distinct per test."""
     seed = zlib.crc32(request.node.nodeid.encode()) ^ request.config.getoption("--seed")

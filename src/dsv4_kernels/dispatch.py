@@ -125,6 +125,39 @@ def register(impl: Implementation) -> Implementation:
     return impl
 
 
+def imported_on_use(entry: str) -> Callable[..., str | None]:
+    """A supports() hook that imports its "module:function" on the first call: registering an op must not
+    import triton or tilelang."""
+    def supports(*args, **kwargs):
+        return _resolve(entry)(*args, **kwargs)
+    return supports
+
+
+ALL_BACKENDS = ("cpu", "cuda", "rocm", "ascend")
+
+
+def register_family_op(op: str, family: str, triton: dict | None = None, tilelang: dict | None = None) -> None:
+    """The usual implementations of one op of a family, at the project's layout:
+    reference (reference/<family>.py:<op>, every backend, priority 0); with `triton` defaults, Triton
+    (kernels/<family>/triton.py:<op>, supports_<op> of kernels/<family>, codegen_<op>; CPU through the
+    interpreter, CUDA, ROCm; priority 20); with `tilelang` defaults, TileLang (kernels/<family>/tilelang.py,
+    its own supports_<op>; CUDA and ROCm; priority 10, below Triton: it runs nowhere on a build machine)."""
+    from dsv4_kernels import toolchains
+    register(Implementation(op, "reference", "reference", ALL_BACKENDS, entry=f"dsv4_kernels.reference.{family}:{op}",
+                            priority=0))
+    kernels = f"dsv4_kernels.kernels.{family}"
+    if triton is not None:
+        register(Implementation(op, "triton", "triton", ("cpu", "cuda", "rocm"), entry=f"{kernels}.triton:{op}",
+                                priority=20, available=toolchains.triton_available,
+                                supports=imported_on_use(f"{kernels}:supports_{op}"),
+                                codegen=f"{kernels}.triton:codegen_{op}", defaults=dict(triton)))
+    if tilelang is not None:
+        register(Implementation(op, "tilelang", "tilelang", ("cuda", "rocm"), entry=f"{kernels}.tilelang:{op}",
+                                priority=10, available=toolchains.tilelang_available,
+                                supports=imported_on_use(f"{kernels}.tilelang:supports_{op}"),
+                                codegen=f"{kernels}.tilelang:codegen_{op}", defaults=dict(tilelang)))
+
+
 def ops() -> list[str]:
     return sorted(_REGISTRY)
 

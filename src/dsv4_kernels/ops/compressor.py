@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from dsv4_kernels import dispatch, toolchains
+from dsv4_kernels import dispatch
 from dsv4_kernels.dispatch import Implementation
-from dsv4_kernels.kernels import compressor as compressor_kernels
 from dsv4_kernels.ladder import OpCheck, register_check
 from dsv4_kernels.oracles import compressor as oracle
 from dsv4_kernels.ops import _checks, _values
@@ -268,16 +267,8 @@ def validate_decode(kv_state, score_state, kv, score, ape, positions, ratio, slo
                         positions=positions, **given)
 
 
-dispatch.register(Implementation(
-    OP_DECODE, "reference", "reference", _ALL_BACKENDS,
-    entry="dsv4_kernels.reference.compressor:compressor_decode", priority=0))
 # Triton: one program per sequence; ROW_CHUNK state rows per step of the online softmax (kernels/compressor).
-dispatch.register(Implementation(
-    OP_DECODE, "triton", "triton", ("cpu", "cuda", "rocm"),
-    entry="dsv4_kernels.kernels.compressor.triton:compressor_decode", priority=20,
-    available=toolchains.triton_available, supports=compressor_kernels.supports_compressor_decode,
-    codegen="dsv4_kernels.kernels.compressor.triton:codegen_compressor_decode",
-    defaults={"ROW_CHUNK": 8, "num_warps": 4}))
+dispatch.register_family_op(OP_DECODE, "compressor", triton={"ROW_CHUNK": 8, "num_warps": 4})
 
 
 @torch.library.custom_op("dsv4::compressor_decode", mutates_args=("kv_state", "score_state", "kv_cache"))

@@ -8,14 +8,11 @@ languages serve hc_mult 4 and dim % 256 == 0 up to 8192 (kernels/mhc/README.md).
 """
 from __future__ import annotations
 
-import importlib
 import math
 
 import torch
 
-from dsv4_kernels import dispatch, toolchains
-from dsv4_kernels.dispatch import Implementation
-from dsv4_kernels.kernels import mhc as mhc_kernels
+from dsv4_kernels import dispatch
 from dsv4_kernels.ladder import OpCheck, register_check
 from dsv4_kernels.oracles import mhc as oracle
 from dsv4_kernels.ops import _checks
@@ -90,33 +87,10 @@ TILELANG_DEFAULTS = {
 }
 
 
-def _imported_on_use(entry: str):
-    """A supports() hook that imports its module on the first call: registering must not import tilelang."""
-    module, _, attr = entry.partition(":")
-
-    def supports(*args, **kwargs):
-        return getattr(importlib.import_module(module), attr)(*args, **kwargs)
-    return supports
-
-
+# Both kernel languages serve the shapes of kernels.mhc.supports_<op>; TileLang adds its own limits (int32
+# token count, 16-byte aligned pointers).
 for _op in OPS:
-    dispatch.register(Implementation(
-        _op, "reference", "reference", ("cpu", "cuda", "rocm", "ascend"),
-        entry=f"dsv4_kernels.reference.mhc:{_op}", priority=0))
-    # Both kernel languages serve the shapes of kernels.mhc.supports_<op>; TileLang adds its own limits
-    # (int32 token count, 16-byte aligned pointers).
-    dispatch.register(Implementation(
-        _op, "triton", "triton", ("cpu", "cuda", "rocm"),
-        entry=f"dsv4_kernels.kernels.mhc.triton:{_op}", priority=20,
-        available=toolchains.triton_available, supports=getattr(mhc_kernels, f"supports_{_op}"),
-        codegen=f"dsv4_kernels.kernels.mhc.triton:codegen_{_op}", defaults=dict(TRITON_DEFAULTS[_op])))
-    # TileLang GPU kernels cannot run on this CPU-only build machine (codegen-verified only): lower priority.
-    dispatch.register(Implementation(
-        _op, "tilelang", "tilelang", ("cuda", "rocm"),
-        entry=f"dsv4_kernels.kernels.mhc.tilelang:{_op}", priority=10,
-        available=toolchains.tilelang_available,
-        supports=_imported_on_use(f"dsv4_kernels.kernels.mhc.tilelang:supports_{_op}"),
-        codegen=f"dsv4_kernels.kernels.mhc.tilelang:codegen_{_op}", defaults=dict(TILELANG_DEFAULTS[_op])))
+    dispatch.register_family_op(_op, "mhc", triton=TRITON_DEFAULTS[_op], tilelang=TILELANG_DEFAULTS[_op])
 
 
 def _fake_gates(like: torch.Tensor, T, m) -> tuple[torch.Tensor, torch.Tensor]:

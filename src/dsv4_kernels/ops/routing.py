@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from dsv4_kernels import dispatch, toolchains
-from dsv4_kernels.dispatch import Implementation
-from dsv4_kernels.kernels import routing as routing_kernels
+from dsv4_kernels import dispatch
 from dsv4_kernels.ladder import OpCheck, register_check
 from dsv4_kernels.oracles import routing as oracle
 from dsv4_kernels.ops import _checks, _values
@@ -84,33 +82,8 @@ TRITON_DEFAULTS = {SCORE_OP: {"BLOCK_T": 4, "num_warps": 4}, HASH_OP: {"BLOCK_T"
 TILELANG_DEFAULTS = {SCORE_OP: {"TOKENS": 4}, HASH_OP: {"TOKENS": 4}}
 
 
-def _imported_on_use(entry: str):
-    """A supports() hook that imports its module on the first call: registering must not import tilelang."""
-    module, _, attr = entry.partition(":")
-
-    def supports(*args, **kwargs):
-        import importlib
-        return getattr(importlib.import_module(module), attr)(*args, **kwargs)
-    return supports
-
-
 for _op in (SCORE_OP, HASH_OP):
-    dispatch.register(Implementation(
-        _op, "reference", "reference", ("cpu", "cuda", "rocm", "ascend"),
-        entry=f"dsv4_kernels.reference.routing:{_op}", priority=0))
-    dispatch.register(Implementation(
-        _op, "triton", "triton", ("cpu", "cuda", "rocm"),
-        entry=f"dsv4_kernels.kernels.routing.triton:{_op}", priority=20,
-        available=toolchains.triton_available, supports=getattr(routing_kernels, f"supports_{_op}"),
-        codegen=f"dsv4_kernels.kernels.routing.triton:codegen_{_op}", defaults=dict(TRITON_DEFAULTS[_op])))
-    # TileLang GPU kernels cannot run on this CPU-only build machine (codegen-verified only): lower priority.
-    # They serve kernels.routing's shapes plus their own limits (int32 counts, aligned vector loads).
-    dispatch.register(Implementation(
-        _op, "tilelang", "tilelang", ("cuda", "rocm"),
-        entry=f"dsv4_kernels.kernels.routing.tilelang:{_op}", priority=10,
-        available=toolchains.tilelang_available,
-        supports=_imported_on_use(f"dsv4_kernels.kernels.routing.tilelang:supports_{_op}"),
-        codegen=f"dsv4_kernels.kernels.routing.tilelang:codegen_{_op}", defaults=dict(TILELANG_DEFAULTS[_op])))
+    dispatch.register_family_op(_op, "routing", triton=TRITON_DEFAULTS[_op], tilelang=TILELANG_DEFAULTS[_op])
 
 
 def _fake_outputs(like: torch.Tensor, rows, cols) -> tuple[torch.Tensor, torch.Tensor]:
