@@ -63,16 +63,26 @@ for r in json.loads(sys.stdin.read()):
 """
 
 
-def test_compile_many_survives_a_compiler_crash(monkeypatch, tmp_path):
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_compile_many_survives_a_compiler_crash(monkeypatch, tmp_path, workers):
     """A subprocess that dies keeps the results so far; the request it died on is retried once in a
-    fresh one (marked), one that kills it twice fails with the crash output, and the rest still run."""
+    fresh one (marked), one that kills it twice fails with the crash output, and the rest still run;
+    with several compiler subprocesses side by side the results still come back in request order."""
     monkeypatch.setattr(codegen, "_WORKER", [sys.executable, "-c", _FAKE_WORKER, str(tmp_path / "crashed")])
     ops = ["a", "crash-once", "b", "crash-always", "c"]
-    results = codegen.compile_many([{"op": op, "impl": "x", "target": "t"} for op in ops])
+    results = codegen.compile_many([{"op": op, "impl": "x", "target": "t"} for op in ops], workers=workers)
     assert [r["op"] for r in results] == ops
     assert [r["ok"] for r in results] == [True, True, True, False, True]
     assert "crash_retry" not in results[0] and "exit -11" in results[1]["crash_retry"]
     assert "exit -11" in results[3]["error"] and "dying on crash-always" in results[3]["error"]
+
+
+def test_codegen_workers_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv(codegen.WORKERS_ENV, "3")
+    assert codegen._default_workers() == 3
+    monkeypatch.setenv(codegen.WORKERS_ENV, "0")
+    with pytest.raises(ValueError, match="DSV4K_CODEGEN_WORKERS: expected an int >= 1, got '0'"):
+        codegen._default_workers()
 
 
 def test_compile_many_reports_a_worker_that_cannot_start(monkeypatch):

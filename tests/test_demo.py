@@ -24,6 +24,6 @@ def test_demo_catches_a_decode_path_that_never_emits(monkeypatch):
         return entries, torch.zeros_like(emitted)
 
     monkeypatch.setattr(dk, "compressor_decode", never_emits)
-    results, _ = demo.run_demo(prefill_len=250, decode_steps=8)
+    results, _ = demo.run_demo(prefill_len=120, decode_steps=8)  # decode step 8 completes block 0 of ratio 128
     failed = [(r.ratio, r.check) for r in results if not r.ok]
     assert (128, "prefill+decode vs prefill") in failed

@@ -323,9 +323,41 @@ def _crash_summary(proc: subprocess.CompletedProcess) -> str:
     return f"codegen subprocess died (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
 
 
-def compile_many(requests: list[dict], timeout: float = 1800) -> list[dict]:
+WORKERS_ENV = "DSV4K_CODEGEN_WORKERS"
+
+
+def _default_workers() -> int:
+    """DSV4K_CODEGEN_WORKERS, else one compiler subprocess per core up to 2 (CI's machine has 2)."""
+    raw = os.environ.get(WORKERS_ENV, "").strip()
+    if raw:
+        if not raw.isdigit() or int(raw) < 1:
+            raise ValueError(f"{WORKERS_ENV}: expected an int >= 1, got {raw!r}")
+        return int(raw)
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+def compile_many(requests: list[dict], timeout: float = 1800, workers: int | None = None) -> list[dict]:
     """Compile [{"op", "impl", "target"}, ...] in clean subprocesses; each result adds "ok" and
     "artifacts" or "error", in the order of the requests.
+
+    workers: compiler subprocesses run side by side (default: _default_workers()); the requests are dealt
+    out round-robin and the results put back in order.
+    """
+    workers = max(1, min(len(requests), workers or _default_workers()))
+    if workers == 1:
+        return _compile_serial(requests, timeout)
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(workers) as pool:
+        parts = list(pool.map(lambda shard: _compile_serial(shard, timeout),
+                              [requests[i::workers] for i in range(workers)]))
+    results: list[dict] = [{}] * len(requests)
+    for i, part in enumerate(parts):
+        results[i::workers] = part
+    return results
+
+
+def _compile_serial(requests: list[dict], timeout: float) -> list[dict]:
+    """compile_many in one subprocess at a time.
 
     The subprocess reports one result per line as it goes. When it dies (TVM's C++ code generator has
     been seen to segfault now and then on a build that succeeds when repeated), the results so far are

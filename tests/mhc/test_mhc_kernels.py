@@ -271,7 +271,7 @@ def _layer_step(impl, device, T: int, dim: int):
 
 @pytest.mark.op("mhc_post_pre")
 @pytest.mark.parametrize("model", MODELS, ids=MODELS)
-@pytest.mark.parametrize("T", [0, 1, 3, 17])
+@pytest.mark.parametrize("T", [0, 1, 17])  # 17: a full token block and a one-token tail
 def test_layer_step_at_v4_sizes(impl, device, model, T):
     _layer_step(impl, device, T, MODELS[model])
 
