@@ -241,6 +241,7 @@ def test_decode_matches_reference(impl, device, ratio, d):
 
 
 @pytest.mark.op("compressor_decode")
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered")  # the interpreter's amax of the NaN tile
 def test_decode_fp8_cache_bytes_at_the_edges_of_e4m3(impl, device, require_supported):
     """Cache bytes equal the reference's where e4m3fn is hardest: tiles whose small values fall to
     subnormal codes (below 2^-6 of the scale), a tile at the 1e-4 scale floor, and a NaN tile."""

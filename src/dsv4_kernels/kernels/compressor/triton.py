@@ -10,6 +10,7 @@ read and write nothing and emit nothing.
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -162,7 +163,6 @@ def decode_kernel(kv_state, score_state, kv_ptr, score_ptr, ape_ptr, pos_ptr, sl
 
 def compressor_decode(kv_state, score_state, kv, score, ape, positions, ratio, slot_ids=None, norm_weight=None,
                       rope_cos=None, rope_sin=None, kv_cache=None, cache_block_size=64, cache_slots=None):
-    import torch
     batch, width = kv.shape
     coff = 2 if ratio == 4 else 1
     d = width // coff
