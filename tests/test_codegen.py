@@ -235,3 +235,16 @@ def test_codegen_compiles_the_specialisation_the_jit_launches():
     import json
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["checked"] >= 20 and not out["mismatches"], out["mismatches"]
+
+
+def test_a_compile_error_names_its_cause():
+    """Triton's CompilationError says where; its __cause__ says why (here: a non-constexpr global)."""
+    try:
+        try:
+            raise NameError("Cannot access global variable SUM_EPS from within @jit'ed function")
+        except NameError as inner:
+            raise RuntimeError("at 27:4: _finish(w, ids, ...)") from inner
+    except RuntimeError as outer:
+        text = codegen._describe(outer)
+    assert text == ("RuntimeError: at 27:4: _finish(w, ids, ...)\n"
+                    "caused by NameError: Cannot access global variable SUM_EPS from within @jit'ed function")

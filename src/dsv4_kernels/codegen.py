@@ -307,12 +307,22 @@ def compile_impl(op: str, impl_name: str, target_name: str) -> list[Artifact]:
     return artifacts
 
 
+def _describe(exc: BaseException) -> str:
+    """The error and its causes: Triton's CompilationError shows where it failed, its __cause__ why (a
+    non-constexpr global, a type error), which the outer message alone does not say."""
+    parts = []
+    while exc is not None and len(parts) < 4:
+        parts.append(f"{type(exc).__name__}: {exc}")
+        exc = exc.__cause__
+    return "\ncaused by ".join(parts)
+
+
 def _compile_request(req: dict) -> dict:
     try:
         arts = compile_impl(req["op"], req["impl"], req["target"])
         return {**req, "ok": True, "artifacts": [a.to_json() for a in arts]}
     except Exception as exc:  # reported per request: one failing target must not hide the others
-        return {**req, "ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        return {**req, "ok": False, "error": _describe(exc)}
 
 
 _RESULT_MARK = "dsv4k-codegen-result "
