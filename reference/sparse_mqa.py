@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from dsv4_kernels.reference.formats import dequantize_kv_cache_fp8
+from dsv4_kernels.reference.formats import gather_kv_cache_fp8
 
 __all__ = ["sparse_mqa", "sparse_mqa_fp8"]
 
@@ -109,6 +109,11 @@ def sparse_mqa_fp8(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tenso
         sparse_mqa(q, dequantize_kv_cache_fp8(kv_cache, P * block_size, block_size), ...), including the
         empty-row (out 0, lse +inf) and T = 0 cases.
     """
-    num_rows = kv_cache.shape[0] * block_size
-    kv = dequantize_kv_cache_fp8(kv_cache, num_rows, block_size)
-    return sparse_mqa(q, kv, indices, attn_sink, softmax_scale, topk_length)
+    # Dequantise only the rows the indices name (a real cache holds far more): the distinct valid indices
+    # become a small pool, and the index list is renumbered into it. Same rows, same math, same bits.
+    valid = (indices >= 0) & (indices < kv_cache.shape[0] * block_size)
+    used = torch.unique(indices[valid])                             # sorted distinct valid indices
+    kv = gather_kv_cache_fp8(kv_cache, used, block_size)            # [distinct, 512]
+    position = torch.searchsorted(used, torch.where(valid, indices, 0).to(used.dtype))
+    pool_indices = torch.where(valid, position, -1).to(torch.int32)
+    return sparse_mqa(q, kv, pool_indices, attn_sink, softmax_scale, topk_length)

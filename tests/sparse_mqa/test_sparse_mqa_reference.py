@@ -263,3 +263,21 @@ def test_matches_fp64_oracle(seed, T, H, N, K, use_lengths, sink_kind, softmax_s
     elif sink_kind == "mixed":
         sink[::2] = -INF
     check_against_oracle(q, kv, indices, sink, softmax_scale, lengths)
+
+
+def test_fp8_reference_dequantises_only_the_rows_it_reads(monkeypatch):
+    """A real cache holds far more tokens than one batch reads: the FP8 reference gathers the distinct
+    valid indices only, and gives the bits of the bf16 op on the whole dequantised cache."""
+    from dsv4_kernels.reference import formats
+    pages = formats.quantize_kv_cache_fp8(torch.randn(64 * 40, 512).to(torch.bfloat16), block_size=64)
+    q = torch.randn(3, 16, 512).to(torch.bfloat16)
+    indices = torch.tensor([[5, 5, 2000, -1], [7, 2559, 2560, -3], [-1, -1, -1, -1]], dtype=torch.int32)
+    sink = torch.zeros(16)
+    gathered = []
+    real = sparse_mqa_module.gather_kv_cache_fp8
+    monkeypatch.setattr(sparse_mqa_module, "gather_kv_cache_fp8",
+                        lambda p, idx, bs: gathered.append(idx.numel()) or real(p, idx, bs))
+    out, lse = sparse_mqa_module.sparse_mqa_fp8(q, pages, indices, sink)
+    assert gathered == [4]  # 5, 7, 2000, 2559 (2560 is past the cache, negatives are invalid)
+    want_out, want_lse = sparse_mqa(q, formats.dequantize_kv_cache_fp8(pages, 64 * 40, 64), indices, sink)
+    assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
