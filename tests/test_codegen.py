@@ -53,8 +53,8 @@ def test_amdgcn_resource_parser_on_a_hand_listing():
 _FAKE_WORKER = r"""
 import json, os, signal, sys
 from pathlib import Path
-mark = Path(sys.argv[1])
 for r in json.loads(sys.stdin.read()):
+    mark = Path(sys.argv[1] + "-" + r["op"])  # one mark per request: workers run side by side
     if r["op"] == "crash-always" or (r["op"] == "crash-once" and not mark.exists()):
         mark.touch()
         print("dying on", r["op"], file=sys.stderr, flush=True)
