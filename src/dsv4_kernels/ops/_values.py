@@ -6,8 +6,8 @@ negative indexing must not reach an engine's buffer). Every op declares its valu
 of `Rule`s; `check()` enforces them in checked mode and `valid()` gives the same predicate to the
 reference and the kernels for masking:
 
-    rules = (InRange("slot_ids", slot_ids, 0, slots, what="state slots"), Distinct("slot_ids", slot_ids))
-    check(*rules)                      # no-op unless DSV4K_CHECK=1
+    if enabled():                      # off by default: the hot path builds no rule
+        check(InRange("slot_ids", slot_ids, 0, slots, what="state slots"), Distinct("slot_ids", slot_ids))
 
 In checked mode every rule is one device-side reduction, all are fetched with a single host sync, and
 the first failing rule raises ValueError naming the argument, the expected range, the first bad position

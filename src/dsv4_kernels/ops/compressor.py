@@ -403,7 +403,8 @@ def compressor_norm_rope(entries: torch.Tensor, norm_weight: torch.Tensor, rope_
     Raises ValueError for a wrong dtype, shape, device, layout or eps, before any launch.
     """
     validate_norm_rope(entries, norm_weight, rope_cos, rope_sin, positions, eps)
-    _values.check(_values.InRange("positions", positions, 0, rope_cos.shape[0], what="rows of rope_cos"))
+    if _values.enabled():
+        _values.check(_values.InRange("positions", positions, 0, rope_cos.shape[0], what="rows of rope_cos"))
     return _compressor_norm_rope_op(entries, norm_weight, rope_cos, rope_sin, positions, float(eps), _checks.impl_name(impl))
 
 

@@ -185,8 +185,9 @@ def hash_topk(router_logits: torch.Tensor, input_ids: torch.Tensor, tid2eid: tor
     """
     validate_hash_topk(router_logits, input_ids, tid2eid, num_fused_shared_experts, routed_scaling_factor,
                        apply_routed_scaling_factor_on_output)
-    _values.check(_values.InRange("input_ids", input_ids, 0, tid2eid.shape[0], what="rows of tid2eid"),
-                  _values.InRange("tid2eid", tid2eid, 0, router_logits.shape[1], what="experts"))
+    if _values.enabled():
+        _values.check(_values.InRange("input_ids", input_ids, 0, tid2eid.shape[0], what="rows of tid2eid"),
+                      _values.InRange("tid2eid", tid2eid, 0, router_logits.shape[1], what="experts"))
     return _hash_topk_op(router_logits, input_ids, tid2eid, num_fused_shared_experts, float(routed_scaling_factor),
                          apply_routed_scaling_factor_on_output, _checks.impl_name(impl))
 
