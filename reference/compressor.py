@@ -16,10 +16,12 @@ from .transforms import apply_rope_interleaved, hadamard_rotate
 __all__ = [
     "compressor_init_state",
     "compressor_prefill",
+    "compressor_prefill_batched",
     "compressor_decode",
     "compressor_norm_rope",
     "indexer_cache_quantize",
     "decode_rows_valid",
+    "batched_sequences_valid",
 ]
 
 ROPE_DIM = 64
@@ -133,6 +135,122 @@ def compressor_prefill(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor,
     kv_state[offset:offset + rem] = kv[cutoff:]
     score_state[offset:offset + rem] = biased[cutoff:]
     return entries, kv_state, score_state
+
+
+def batched_sequences_valid(kv_state: torch.Tensor, cu_seqlens: torch.Tensor, start_positions: torch.Tensor,
+                            ratio: int, slot_ids: torch.Tensor, rope_cos: torch.Tensor | None = None) -> torch.Tensor:
+    """[B] bool: the sequences of a batched prefill that take part. A sequence is invalid (nothing read,
+    nothing written, nothing emitted) when its slot id is outside [0, slots), its start position is
+    negative, or, in the fused form, its last position p gives p + 1 - r past the last row of the RoPE
+    tables (decode's rule for its one token). Never wrapped."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).clamp(min=0)
+    valid = (slot_ids >= 0) & (slot_ids < kv_state.shape[0]) & (start_positions >= 0)
+    if rope_cos is not None:
+        valid &= start_positions + lengths - ratio < rope_cos.shape[0]
+    return valid
+
+
+def _state_rows(kv_state, score_state, positions, start, ratio, coff):
+    """The state rows holding positions q < start (SPEC 2 layout): the block of `start` sits at rows
+    off + q mod r, the block before it (ratio 4) at rows q mod r; q < 0 is the virtual block (kv 0,
+    score -inf), never read from the state."""
+    offset = ratio if coff == 2 else 0
+    in_start_block = positions // ratio == start // ratio
+    rows = torch.where(in_start_block, offset, 0) + positions % ratio
+    kv = kv_state[rows]
+    sc = score_state[rows]
+    virtual = (positions < 0)[:, None]
+    return torch.where(virtual, 0.0, kv), torch.where(virtual, float("-inf"), sc)
+
+
+def compressor_prefill_batched(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, ratio: int,
+                               cu_seqlens: torch.Tensor, kv_state: torch.Tensor, score_state: torch.Tensor,
+                               start_positions: torch.Tensor | None = None, slot_ids: torch.Tensor | None = None,
+                               norm_weight: torch.Tensor | None = None, rope_cos: torch.Tensor | None = None,
+                               rope_sin: torch.Tensor | None = None, kv_cache: torch.Tensor | None = None,
+                               cache_block_size: int = 64, cache_slots: torch.Tensor | None = None):
+    """Prefill of a ragged batch: B chunks of tokens, each continuing its sequence from its own state.
+
+    Args:
+        kv, score: [N, coff*d] fp32 or bf16 (upcast first), the tokens of all chunks back to back;
+            chunk b is rows cu_seqlens[b] .. cu_seqlens[b+1] - 1 (clamped to [0, N]).
+        ape: [r, coff*d] fp32.
+        ratio: r, 4 or 128.
+        cu_seqlens: [B + 1] int32 or int64, non-decreasing cumulative chunk lengths.
+        kv_state, score_state: [slots, coff*r, coff*d] fp32, read for the positions before each chunk
+            and updated in place to the state after it (SPEC 2 layout).
+        start_positions: [B] int64, the position of each chunk's first token (the length of the prefix
+            already in the state); default zeros. A chunk starting at 0 never reads its state.
+        slot_ids: [B] int64, the state slot of each chunk; default arange(B).
+        norm_weight, rope_cos, rope_sin, kv_cache, cache_block_size: as in compressor_prefill.
+        cache_slots: [N] int64 flat cache slot per token, read only where the token emits.
+    Returns:
+        entries: [N, d] fp32 (bf16 in the fused form): the row of the token at position p holds entry
+            p // r when (p + 1) mod r == 0 (RoPE at p + 1 - r), zeros elsewhere.
+        emitted: [N] bool.
+    Tokens outside every valid chunk give zero rows and do not emit (batched_sequences_valid).
+    """
+    coff = _coff(ratio)
+    total, width = kv.shape
+    d = width // coff
+    device = kv.device
+    batch = cu_seqlens.shape[0] - 1
+    if start_positions is None:
+        start_positions = torch.zeros(batch, dtype=torch.int64, device=device)
+    if slot_ids is None:
+        slot_ids = torch.arange(batch, device=device)
+    cu = cu_seqlens.to(torch.int64).clamp(0, total)
+    valid = batched_sequences_valid(kv_state, cu, start_positions, ratio, slot_ids, rope_cos)
+    kv, score, ape = kv.float(), score.float(), ape.float()
+    offset = ratio if coff == 2 else 0
+    entry_rows, entry_positions, pooled_rows = [], [], []
+    for b in valid.nonzero()[:, 0].tolist():
+        lo, hi = int(cu[b]), max(int(cu[b]), int(cu[b + 1]))
+        start, slot = int(start_positions[b]), int(slot_ids[b])
+        end = start + hi - lo
+        first_pos = (start // ratio - (coff - 1)) * ratio     # the earliest position an entry pools
+        chunk_pos = torch.arange(start, end, device=device)
+        x_kv, x_sc = kv[lo:hi], score[lo:hi] + ape[chunk_pos % ratio]
+        if start > 0 and first_pos < start:   # positions before the chunk come from the state
+            before = torch.arange(first_pos, start, device=device)
+            s_kv, s_sc = _state_rows(kv_state[slot], score_state[slot], before, start, ratio, coff)
+            x_kv, x_sc = torch.cat([s_kv, x_kv]), torch.cat([s_sc, x_sc])
+        else:
+            first_pos = start
+        base = first_pos // ratio            # block index of x row 0 (first_pos is a multiple of r here)
+        nblocks = end // ratio - base
+        blocks_kv = x_kv[:nblocks * ratio].reshape(nblocks, ratio, width)
+        blocks_sc = x_sc[:nblocks * ratio].reshape(nblocks, ratio, width)
+        first_entry = start // ratio
+        if nblocks > 0 and end // ratio > first_entry:
+            if coff == 2:
+                prev_kv = torch.cat([torch.zeros_like(blocks_kv[:1]), blocks_kv[:-1]])
+                prev_sc = torch.cat([torch.full_like(blocks_sc[:1], float("-inf")), blocks_sc[:-1]])
+                pooled = _pool(_overlap_rows(prev_kv, blocks_kv, d), _overlap_rows(prev_sc, blocks_sc, d))
+            else:
+                pooled = _pool(blocks_kv, blocks_sc)
+            js = torch.arange(first_entry, end // ratio, device=device)
+            pooled_rows.append(pooled[js - base])
+            entry_positions.append(js * ratio)
+            entry_rows.append(lo + (js + 1) * ratio - 1 - start)
+        if coff == 2 and end // ratio > 0:   # rows 0:4 <- the last complete block
+            kv_state[slot, :ratio] = blocks_kv[-1]
+            score_state[slot, :ratio] = blocks_sc[-1]
+        tail = torch.arange(max(start, end - end % ratio), end, device=device)
+        kv_state[slot, offset + tail % ratio] = kv[lo + tail - start]
+        score_state[slot, offset + tail % ratio] = score[lo + tail - start] + ape[tail % ratio]
+
+    rows = torch.cat(entry_rows) if entry_rows else torch.zeros(0, dtype=torch.int64, device=device)
+    positions = torch.cat(entry_positions) if entry_positions else rows
+    pooled = torch.cat(pooled_rows) if pooled_rows else torch.zeros(0, d, device=device)
+    emit_cache_slots = None if cache_slots is None else cache_slots[rows]
+    finished = _finish(pooled, positions, norm_weight, rope_cos, rope_sin, kv_cache, cache_block_size,
+                       emit_cache_slots)
+    entries = torch.zeros(total, d, dtype=finished.dtype, device=device)
+    entries[rows] = finished
+    emitted = torch.zeros(total, dtype=torch.bool, device=device)
+    emitted[rows] = True
+    return entries, emitted
 
 
 def compressor_decode(kv_state: torch.Tensor, score_state: torch.Tensor, kv: torch.Tensor,

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["enabled", "Rule", "InRange", "Distinct", "AllFinite", "check", "in_range"]
+__all__ = ["enabled", "Rule", "InRange", "Distinct", "NonDecreasing", "AllFinite", "check", "in_range"]
 
 ENV = "DSV4K_CHECK"
 
@@ -92,6 +92,21 @@ class Distinct(Rule):
     @property
     def expected(self) -> str:
         return "distinct values" + (f" (only {', '.join(map(str, self.ignore))} may repeat)" if self.ignore else "")
+
+
+@dataclass(frozen=True)
+class NonDecreasing(Rule):
+    """A 1-D tensor whose values never decrease (cumulative lengths); the bad position is the first
+    element smaller than the one before it."""
+
+    def bad(self, x):
+        bad = torch.zeros_like(x, dtype=torch.bool)
+        bad[1:] = x[1:] < x[:-1]
+        return bad
+
+    @property
+    def expected(self) -> str:
+        return "non-decreasing values (cumulative lengths)"
 
 
 @dataclass(frozen=True)

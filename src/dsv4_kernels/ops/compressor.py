@@ -83,6 +83,7 @@ def compressor_init_state(ratio: int, d: int, slots: int | None = None,
 
 
 _INT64_MAX = 2 ** 63 - 1
+_INT64_MIN = -2 ** 63
 
 
 def _cache_rules(kv_cache, cache_block_size, cache_slots, rows_used=None) -> tuple[_values.Rule, ...]:
@@ -150,25 +151,94 @@ def _entry_dtype(norm_weight) -> torch.dtype:
 OP_PREFILL = "compressor_prefill"
 
 
-def validate_prefill(kv, score, ape, ratio, norm_weight=None, rope_cos=None, rope_sin=None, kv_cache=None,
-                     cache_block_size=64, cache_slots=None) -> None:
+_INPUT_DTYPES = (torch.float32, torch.bfloat16)   # kv and score: the GEMM's fp32 result, or bf16 (upcast)
+
+
+def _inputs(kv, score, ape, ratio) -> int:
+    """Checks of kv, score (same shape and dtype, fp32 or bf16) and ape; returns d."""
     coff = _ratio(ratio)
-    _checks.tensor("kv", kv, torch.float32, ndim=2)
+    _checks.tensor("kv", kv, _INPUT_DTYPES, ndim=2)
     d = _entry_width("kv", kv, ratio, coff)
-    seq_len = kv.shape[0]
-    _checks.tensor("score", score, torch.float32, ndim=2)
+    _checks.tensor("score", score, kv.dtype, ndim=2)
     _checks.shape("score", score, tuple(kv.shape))
     _checks.tensor("ape", ape, torch.float32, ndim=2)
     _checks.shape("ape", ape, (ratio, coff * d))
-    n = seq_len // ratio
+    return d
+
+
+def validate_prefill(kv, score, ape, ratio, norm_weight=None, rope_cos=None, rope_sin=None, kv_cache=None,
+                     cache_block_size=64, cache_slots=None) -> None:
+    d = _inputs(kv, score, ape, ratio)
+    n = kv.shape[0] // ratio
     given = _fused(d, n, norm_weight, rope_cos, rope_sin, kv_cache, cache_block_size, cache_slots,
                    min_positions=(n - 1) * ratio + 1 if n > 0 else None)
     _checks.same_device(kv=kv, score=score, ape=ape, **given)
 
 
-dispatch.register(Implementation(
-    OP_PREFILL, "reference", "reference", _ALL_BACKENDS,
-    entry="dsv4_kernels.reference.compressor:compressor_prefill", priority=0))
+def validate_prefill_batched(kv, score, ape, ratio, cu_seqlens, kv_state, score_state, start_positions=None,
+                             slot_ids=None, norm_weight=None, rope_cos=None, rope_sin=None, kv_cache=None,
+                             cache_block_size=64, cache_slots=None) -> None:
+    """Metadata checks of the batched prefill (no tensor value is read)."""
+    d = _inputs(kv, score, ape, ratio)
+    coff = _coff(ratio)
+    _checks.tensor("cu_seqlens", cu_seqlens, (torch.int32, torch.int64), ndim=1)
+    if cu_seqlens.shape[0] < 1:
+        raise ValueError("cu_seqlens: expected [B + 1] cumulative lengths (at least one element, 0 for B = 0), "
+                         "got shape (0,)")
+    batch = cu_seqlens.shape[0] - 1
+    _checks.tensor("kv_state", kv_state, torch.float32, ndim=3)
+    _checks.shape("kv_state", kv_state, (None, coff * ratio, coff * d))
+    _checks.tensor("score_state", score_state, torch.float32, ndim=3)
+    _checks.shape("score_state", score_state, tuple(kv_state.shape))
+    given = {}
+    for name, t in (("start_positions", start_positions), ("slot_ids", slot_ids)):
+        if t is not None:
+            _checks.tensor(name, t, torch.int64, ndim=1)
+            _checks.shape(name, t, (batch,))
+            given[name] = t
+    if slot_ids is None and batch > kv_state.shape[0]:
+        raise ValueError(f"kv_state: expected at least {batch} slots (slot_ids defaults to arange(B) for the "
+                         f"B = {batch} sequences of cu_seqlens), got {kv_state.shape[0]}")
+    given.update(_fused(d, kv.shape[0], norm_weight, rope_cos, rope_sin, kv_cache, cache_block_size, cache_slots))
+    _checks.same_device(kv=kv, score=score, ape=ape, cu_seqlens=cu_seqlens, kv_state=kv_state,
+                        score_state=score_state, **given)
+
+
+def _batched_rules(kv, ratio, cu_seqlens, kv_state, start_positions, slot_ids, rope_cos, kv_cache,
+                   cache_block_size, cache_slots) -> tuple[_values.Rule, ...]:
+    """Checked-mode rules of the batched prefill (built only when checked mode is on)."""
+    total = kv.shape[0]
+    rules = [_values.InRange("cu_seqlens", cu_seqlens, 0, total + 1, what="token rows of kv"),
+             _values.NonDecreasing("cu_seqlens", cu_seqlens)]
+    batch = cu_seqlens.shape[0] - 1
+    starts = start_positions if start_positions is not None else torch.zeros(batch, dtype=torch.int64,
+                                                                              device=kv.device)
+    if rope_cos is None:
+        rules.append(_values.InRange("start_positions", starts, 0, _INT64_MAX, what=">= 0"))
+    else:
+        last = starts + (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64) - ratio
+        rules += [_values.InRange("start_positions", starts, 0, _INT64_MAX, what=">= 0"),
+                  _values.InRange("start_positions + chunk length - ratio", last, _INT64_MIN, rope_cos.shape[0],
+                                  what="start + length - ratio < rope rows: the chunk's entries need RoPE rows")]
+    if slot_ids is not None:
+        rules += [_values.InRange("slot_ids", slot_ids, 0, kv_state.shape[0], what="state slots"),
+                  _values.Distinct("slot_ids", slot_ids)]
+    if kv_cache is not None:
+        emitting = torch.zeros(total, dtype=torch.bool, device=kv.device)
+        if batch > 0 and total > 0:
+            token = torch.arange(total, device=kv.device)
+            seq = (torch.searchsorted(cu_seqlens.to(torch.int64), token, right=True) - 1).clamp(0, batch - 1)
+            pos = starts[seq] + token - cu_seqlens.to(torch.int64)[seq]
+            emitting = (token < cu_seqlens[-1]) & ((pos + 1) % ratio == 0)
+        rules += list(_cache_rules(kv_cache, cache_block_size, cache_slots, rows_used=emitting))
+    return tuple(rules)
+
+
+# Triton: both forms run the batched kernel (kernels/compressor), one program per entry; ROW_CHUNK rows per
+# step of the online softmax.
+dispatch.register_family_op(OP_PREFILL, "compressor", triton={"ROW_CHUNK": 8, "num_warps": 4})
+OP_PREFILL_BATCHED = "compressor_prefill_batched"
+dispatch.register_family_op(OP_PREFILL_BATCHED, "compressor", triton={"ROW_CHUNK": 8, "num_warps": 4})
 
 
 @torch.library.custom_op("dsv4::compressor_prefill", mutates_args=("kv_cache",))
@@ -186,20 +256,47 @@ def _(kv, score, ape, ratio, norm_weight, rope_cos, rope_sin, kv_cache, cache_bl
     coff = _coff(ratio)
     d = kv.shape[1] // coff
     entries = kv.new_empty((kv.shape[0] // ratio, d), dtype=_entry_dtype(norm_weight))
-    return entries, kv.new_empty((coff * ratio, coff * d)), kv.new_empty((coff * ratio, coff * d))
+    state = (coff * ratio, coff * d)
+    return (entries, kv.new_empty(state, dtype=torch.float32), kv.new_empty(state, dtype=torch.float32))
+
+
+@torch.library.custom_op("dsv4::compressor_prefill_batched", mutates_args=("kv_state", "score_state", "kv_cache"))
+def _compressor_prefill_batched_op(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, ratio: int,
+                                   cu_seqlens: torch.Tensor, kv_state: torch.Tensor, score_state: torch.Tensor,
+                                   start_positions: torch.Tensor | None, slot_ids: torch.Tensor | None,
+                                   norm_weight: torch.Tensor | None, rope_cos: torch.Tensor | None,
+                                   rope_sin: torch.Tensor | None, kv_cache: torch.Tensor | None,
+                                   cache_block_size: int, cache_slots: torch.Tensor | None,
+                                   impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return dispatch.call(OP_PREFILL_BATCHED, kv, score, ape, ratio, cu_seqlens, kv_state, score_state,
+                         start_positions, slot_ids, norm_weight, rope_cos, rope_sin, kv_cache, cache_block_size,
+                         cache_slots, impl=impl or None)
+
+
+@_compressor_prefill_batched_op.register_fake
+def _(kv, score, ape, ratio, cu_seqlens, kv_state, score_state, start_positions, slot_ids, norm_weight, rope_cos,
+      rope_sin, kv_cache, cache_block_size, cache_slots, impl):
+    total = kv.shape[0]
+    entries = kv.new_empty((total, kv.shape[1] // _coff(ratio)), dtype=_entry_dtype(norm_weight))
+    return entries, kv.new_empty((total,), dtype=torch.bool)
 
 
 def compressor_prefill(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, ratio: int,
                        norm_weight: torch.Tensor | None = None, rope_cos: torch.Tensor | None = None,
                        rope_sin: torch.Tensor | None = None, kv_cache: torch.Tensor | None = None,
                        cache_block_size: int = 64, cache_slots: torch.Tensor | None = None, *,
-                       impl: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Compress the S tokens of one sequence from position 0 and build its decode state (SPEC 2).
+                       cu_seqlens: torch.Tensor | None = None, kv_state: torch.Tensor | None = None,
+                       score_state: torch.Tensor | None = None, start_positions: torch.Tensor | None = None,
+                       slot_ids: torch.Tensor | None = None,
+                       impl: str | None = None) -> tuple[torch.Tensor, ...]:
+    """Compress a prefill (SPEC 2): one sequence from position 0 (the default), or a ragged batch of
+    chunks that continue their sequences from their states (the batched form, given `cu_seqlens`).
 
-    kv: [S, coff*d] fp32, the kv projections of tokens 0..S-1; coff = 2 for ratio 4, 1 for ratio 128;
-        d = 512 (attention compressor) or 128 (indexer compressor), inferred as kv.shape[1] // coff.
-    score: [S, coff*d] fp32, the gate projections (before the ape bias).
-    ape: [ratio, coff*d] fp32; token t's score gets ape[t mod ratio] (the score only, never kv).
+    kv: [S, coff*d] fp32 or bf16 (upcast before any math), the kv projections; coff = 2 for ratio 4, 1
+        for ratio 128; d = 512 (attention compressor) or 128 (indexer compressor), inferred as
+        kv.shape[1] // coff.
+    score: [S, coff*d], kv's dtype, the gate projections (before the ape bias).
+    ape: [ratio, coff*d] fp32; the token at position p gets ape[p mod ratio] (the score only, never kv).
     ratio: 4 (overlapping windows) or 128. 0 and 1 mean no compression and are refused.
     norm_weight: optional [d] fp32; with rope_cos and rope_sin (all three or none) it selects the fused
         form: entries come back as compressor_norm_rope(entries, ..., positions j*ratio), bf16.
@@ -210,9 +307,10 @@ def compressor_prefill(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor,
         skips the entry, never wrapped; other bytes are left as they were. Slots must be distinct
         (checked only in checked mode).
     cache_block_size: tokens per cache page, >= 1.
-    cache_slots: [S//ratio] int64, required with kv_cache and refused without it.
-    impl: run this implementation (only "reference" exists yet) or raise.
-    Returns (entries, kv_state, score_state):
+    cache_slots: [S//ratio] int64 (batched form: [S], one per token, read where the token emits),
+        required with kv_cache and refused without it.
+    impl: run this implementation ("reference" or "triton") or raise.
+    Returns, single-sequence form, (entries, kv_state, score_state):
         entries: [S//ratio, d], fp32 (bf16 in the fused form). Entry j pools tokens [j*r, (j+1)*r) with a
             per-channel softmax of score + ape; for ratio 4 it pools the A halves ([:d]) of block j-1 (none
             for j = 0) and the B halves ([d:]) of block j.
@@ -220,19 +318,56 @@ def compressor_prefill(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor,
             0:4 hold the last complete block (kv, score + ape), or kv 0 / score -inf when S < 4, and rows
             4 .. 4 + S mod 4 the incomplete block; ratio 128 rows 0 .. S mod 128 the incomplete block.
             The other rows (unspecified in SPEC 2) hold kv 0 / score -inf, as in compressor_init_state.
-    Edge cases: S = 0 gives [0, d] entries and a fresh state; S < ratio gives no entries. A score of -inf
-    gives its row weight 0; a channel whose pooled scores are all -inf comes out NaN (0 / 0). Equal
-    scores weigh their rows equally (no tie-breaking is involved).
+    Batched form (keyword arguments; chunked prefill, extend on a cached prefix, several sequences):
+        cu_seqlens: [B + 1] int32 or int64, non-decreasing, 0 <= cu_seqlens <= S: chunk b is rows
+            cu_seqlens[b] .. cu_seqlens[b+1] - 1 of kv and score (as engines pass cumulative lengths;
+            rows past cu_seqlens[B], e.g. CUDA-graph padding, belong to no chunk).
+        kv_state, score_state: [slots, coff*ratio, coff*d] fp32 (compressor_init_state(ratio, d, slots) or
+            decode's states), required: chunk b continues from slot slot_ids[b] and leaves it as
+            compressor_decode of its tokens one by one would (the same entries, the same specified rows).
+        start_positions: optional [B] int64 >= 0, the position of each chunk's first token (its prefix
+            length); default zeros. A chunk at position 0 starts a new sequence: its slot is not read.
+        slot_ids: optional [B] int64, distinct, in [0, slots); default arange(B).
+        Returns (entries, emitted): entries [S, d] fp32 (bf16 fused), the row of the token at position p
+        holds entry p // r where (p + 1) mod ratio == 0 (RoPE at p + 1 - ratio), zeros elsewhere;
+        emitted [S] bool. States are updated in place. A chunk whose slot id is outside [0, slots), whose
+        start is negative, or (fused form) whose last position p has p + 1 - ratio past the RoPE tables
+        reads and writes nothing and emits nothing; rows of no chunk are zero. prefill(S1) then a chunk of
+        S2 tokens from position S1 equals prefill(S1 + S2), entries and state alike.
+    Edge cases: S = 0 gives [0, d] entries and a fresh state (batched: nothing changes); S < ratio gives no
+    entries. A score of -inf gives its row weight 0; a channel whose pooled scores are all -inf comes out
+    NaN (0 / 0). Equal scores weigh their rows equally (no tie-breaking is involved).
     Raises ValueError for a wrong ratio, dtype, shape, device or layout, or an inconsistent fused form,
-    before any launch. With DSV4K_CHECK=1 also for cache slots that are neither -1 nor in range, or
-    repeated (the one check that reads values; off by default).
+    before any launch; no check reads tensor values. With DSV4K_CHECK=1 (off by default; it syncs) also
+    for cache slots that are neither -1 nor in range, or repeated, and in the batched form for
+    cu_seqlens that decrease or leave [0, S], negative starts, slot ids out of range or repeated, and
+    chunks past the RoPE tables: the error names the first bad position.
     """
-    validate_prefill(kv, score, ape, ratio, norm_weight, rope_cos, rope_sin, kv_cache, cache_block_size,
-                     cache_slots)
+    batched = {"kv_state": kv_state, "score_state": score_state, "start_positions": start_positions,
+               "slot_ids": slot_ids}
+    if cu_seqlens is None:
+        for name, t in batched.items():
+            if t is not None:
+                raise ValueError(f"{name}: belongs to the batched form; expected None without cu_seqlens, "
+                                 f"got a tensor")
+        validate_prefill(kv, score, ape, ratio, norm_weight, rope_cos, rope_sin, kv_cache, cache_block_size,
+                         cache_slots)
+        if _values.enabled():
+            _values.check(*_cache_rules(kv_cache, cache_block_size, cache_slots))
+        return _compressor_prefill_op(kv, score, ape, ratio, norm_weight, rope_cos, rope_sin, kv_cache,
+                                      cache_block_size, cache_slots, _checks.impl_name(impl))
+    for name in ("kv_state", "score_state"):
+        if batched[name] is None:
+            raise ValueError(f"{name}: expected [slots, coff*ratio, coff*d] fp32 state with cu_seqlens (the "
+                             f"batched form continues each chunk from its slot), got None")
+    validate_prefill_batched(kv, score, ape, ratio, cu_seqlens, kv_state, score_state, start_positions, slot_ids,
+                             norm_weight, rope_cos, rope_sin, kv_cache, cache_block_size, cache_slots)
     if _values.enabled():
-        _values.check(*_cache_rules(kv_cache, cache_block_size, cache_slots))
-    return _compressor_prefill_op(kv, score, ape, ratio, norm_weight, rope_cos, rope_sin, kv_cache,
-                                  cache_block_size, cache_slots, _checks.impl_name(impl))
+        _values.check(*_batched_rules(kv, ratio, cu_seqlens, kv_state, start_positions, slot_ids, rope_cos,
+                                      kv_cache, cache_block_size, cache_slots))
+    return _compressor_prefill_batched_op(kv, score, ape, ratio, cu_seqlens, kv_state, score_state,
+                                          start_positions, slot_ids, norm_weight, rope_cos, rope_sin, kv_cache,
+                                          cache_block_size, cache_slots, _checks.impl_name(impl))
 
 
 OP_DECODE = "compressor_decode"

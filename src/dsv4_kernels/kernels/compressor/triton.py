@@ -202,3 +202,10 @@ def codegen_compressor_decode(target) -> list:
                                                      "ROW_CHUNK": cfg["ROW_CHUNK"]},
                                   num_warps=cfg["num_warps"], label=f"r{ratio}-d{d}" + ("-fp8-cache" if fused else "")))
     return specs
+
+
+# The prefill kernel lives in triton_prefill.py (it shares _norm_rope and _store_kv_fp8 above).
+from dsv4_kernels.kernels.compressor.triton_prefill import (  # noqa: E402
+    codegen_compressor_prefill_batched, compressor_prefill, compressor_prefill_batched)
+
+codegen_compressor_prefill = codegen_compressor_prefill_batched  # one kernel serves both forms
