@@ -180,7 +180,9 @@ def compressor_prefill_batched(kv: torch.Tensor, score: torch.Tensor, ape: torch
         kv_state, score_state: [slots, coff*r, coff*d] fp32, read for the positions before each chunk
             and updated in place to the state after it (SPEC 2 layout).
         start_positions: [B] int64, the position of each chunk's first token (the length of the prefix
-            already in the state); default zeros. A chunk starting at 0 never reads its state.
+            already in the state); default zeros. A chunk starting at 0 never reads its state; when it
+            has tokens it starts a new sequence there (ratio 4 rows 0:4 kv 0 / score -inf until a block
+            completes).
         slot_ids: [B] int64, the state slot of each chunk; default arange(B).
         norm_weight, rope_cos, rope_sin, kv_cache, cache_block_size: as in compressor_prefill.
         cache_slots: [N] int64 flat cache slot per token, read only where the token emits.
@@ -236,6 +238,9 @@ def compressor_prefill_batched(kv: torch.Tensor, score: torch.Tensor, ape: torch
         if coff == 2 and end // ratio > 0:   # rows 0:4 <- the last complete block
             kv_state[slot, :ratio] = blocks_kv[-1]
             score_state[slot, :ratio] = blocks_sc[-1]
+        elif coff == 2 and start == 0 and end > 0:   # a new sequence: entry 0's previous block is empty
+            kv_state[slot, :ratio] = 0.0
+            score_state[slot, :ratio] = float("-inf")
         tail = torch.arange(max(start, end - end % ratio), end, device=device)
         kv_state[slot, offset + tail % ratio] = kv[lo + tail - start]
         score_state[slot, offset + tail % ratio] = score[lo + tail - start] + ape[tail % ratio]

@@ -8,7 +8,7 @@ touches no device and imports neither triton nor tilelang.
 from dsv4_kernels import dispatch, platform
 from dsv4_kernels.dispatch import CaptureError, FallbackError, ImplementationUnavailable, explain, precompile
 from dsv4_kernels.ops.compressor import (compressor_decode, compressor_init_state, compressor_norm_rope,
-                                         compressor_prefill, indexer_cache_quantize)
+                                         compressor_prefill, compressor_prefill_batched, indexer_cache_quantize)
 from dsv4_kernels.ops.formats import (dequantize_kv_cache_fp8, dequantize_mxfp4, quantize_fp8_blockwise,
                                       quantize_kv_cache_fp8, quantize_mxfp4)
 from dsv4_kernels.ops.mhc import mhc_head, mhc_post, mhc_post_pre, mhc_pre, mhc_sinkhorn
@@ -26,7 +26,7 @@ __all__ = [
     "dequantize_kv_cache_fp8",
     "sparse_mqa", "sparse_mqa_fp8", "build_sparse_indices", "window_indices", "compressed_indices",
     "selected_compressed_indices", "compact_indices",
-    "compressor_prefill", "compressor_decode", "compressor_norm_rope", "indexer_cache_quantize",
+    "compressor_prefill", "compressor_prefill_batched", "compressor_decode", "compressor_norm_rope", "indexer_cache_quantize",
     "compressor_init_state",
     "score_topk", "hash_topk",
     "mhc_sinkhorn", "mhc_pre", "mhc_post", "mhc_head", "mhc_post_pre",

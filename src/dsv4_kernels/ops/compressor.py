@@ -21,6 +21,7 @@ from dsv4_kernels.testing import assert_close, assert_same_nonfinite, bf16_ulp
 __all__ = [
     "compressor_init_state",
     "compressor_prefill",
+    "compressor_prefill_batched",
     "compressor_decode",
     "compressor_norm_rope",
     "indexer_cache_quantize",
@@ -326,7 +327,8 @@ def compressor_prefill(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor,
             decode's states), required: chunk b continues from slot slot_ids[b] and leaves it as
             compressor_decode of its tokens one by one would (the same entries, the same specified rows).
         start_positions: optional [B] int64 >= 0, the position of each chunk's first token (its prefix
-            length); default zeros. A chunk at position 0 starts a new sequence: its slot is not read.
+            length); default zeros. A chunk at position 0 starts a new sequence: its slot is not read
+            (no reset needed; ratio 4 rows 0:4 become kv 0 / score -inf until its first block completes).
         slot_ids: optional [B] int64, distinct, in [0, slots); default arange(B).
         Returns (entries, emitted): entries [S, d] fp32 (bf16 fused), the row of the token at position p
         holds entry p // r where (p + 1) mod ratio == 0 (RoPE at p + 1 - ratio), zeros elsewhere;
@@ -368,6 +370,22 @@ def compressor_prefill(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor,
     return _compressor_prefill_batched_op(kv, score, ape, ratio, cu_seqlens, kv_state, score_state,
                                           start_positions, slot_ids, norm_weight, rope_cos, rope_sin, kv_cache,
                                           cache_block_size, cache_slots, _checks.impl_name(impl))
+
+
+def compressor_prefill_batched(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, ratio: int,
+                               cu_seqlens: torch.Tensor, kv_state: torch.Tensor, score_state: torch.Tensor,
+                               start_positions: torch.Tensor | None = None, slot_ids: torch.Tensor | None = None,
+                               norm_weight: torch.Tensor | None = None, rope_cos: torch.Tensor | None = None,
+                               rope_sin: torch.Tensor | None = None, kv_cache: torch.Tensor | None = None,
+                               cache_block_size: int = 64, cache_slots: torch.Tensor | None = None, *,
+                               impl: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batched form of compressor_prefill with positional arguments (torch.ops.dsv4.compressor_prefill_batched):
+    exactly compressor_prefill(kv, score, ape, ratio, norm_weight, rope_cos, rope_sin, kv_cache, cache_block_size,
+    cache_slots, cu_seqlens=..., kv_state=..., score_state=..., start_positions=..., slot_ids=...), which
+    documents the arguments. Returns (entries [S, d], emitted [S] bool); the states are updated in place."""
+    return compressor_prefill(kv, score, ape, ratio, norm_weight, rope_cos, rope_sin, kv_cache, cache_block_size,
+                              cache_slots, cu_seqlens=cu_seqlens, kv_state=kv_state, score_state=score_state,
+                              start_positions=start_positions, slot_ids=slot_ids, impl=impl)
 
 
 OP_DECODE = "compressor_decode"
@@ -747,6 +765,45 @@ def _decode_cases(device: torch.device) -> list[tuple[str, tuple, dict]]:
     return cases
 
 
+def _batched_case(ratio, d, prefixes, chunks, device, slot_ids=None, dtype=torch.float32):
+    """A ragged batch continuing sequences whose prefixes (reference prefills) sit in the state slots."""
+    width = _coff(ratio) * d
+    batch = len(prefixes)
+    slots = batch + 1
+    slot_ids = torch.arange(batch, device=device) if slot_ids is None else slot_ids.to(device)
+    kv_state, score_state = compressor_init_state(ratio, d, slots=slots, device=device)
+    kv_state[-1], score_state[-1] = 5.0, 3.0                      # a slot no chunk names: never read
+    ape = 0.5 * torch.randn(ratio, width, device=device)
+    kvs, scores = [], []
+    for b, (prefix, chunk) in enumerate(zip(prefixes, chunks)):
+        kv, score, _ = _prefill_inputs(prefix + chunk, ratio, d, device)
+        _, kv_state[slot_ids[b]], score_state[slot_ids[b]] = compressor_prefill(kv[:prefix], score[:prefix], ape,
+                                                                                 ratio, impl="reference")
+        kvs.append(kv[prefix:].to(dtype))
+        scores.append(score[prefix:].to(dtype))
+    cu = torch.tensor([0] + [sum(chunks[:b + 1]) for b in range(batch)], dtype=torch.int32, device=device)
+    starts = torch.tensor(prefixes, dtype=torch.int64, device=device)
+    return (torch.cat(kvs), torch.cat(scores), ape, ratio, cu, kv_state, score_state, starts, slot_ids)
+
+
+def _batched_cases(device: torch.device) -> list[tuple[str, tuple, dict]]:
+    """Ragged batches (V4-Flash and V4-Pro share the compressor shapes): chunks continuing prefixes that
+    are not multiples of r, a chunk from position 0, an empty chunk, permuted slots; the fused form with
+    the FP8 cache and bf16 inputs; zero tokens."""
+    perm = torch.tensor([2, 0, 1], dtype=torch.int64)
+    cases = [("csa-r4-d128-B3", _batched_case(4, 128, (5, 0, 10), (9, 3, 0), device, perm), {}),
+             ("hca-r128-d512-B3", _batched_case(128, 512, (100, 0, 3), (160, 2, 125), device, perm), {})]
+    args = _batched_case(4, 512, (6, 0), (7, 4), device, dtype=torch.bfloat16)
+    cos, sin = _rope(64, device)
+    weight = 1.0 + 0.2 * torch.randn(512, device=device)
+    pages = torch.zeros(2, 16 * KV_TOKEN_BYTES, dtype=torch.uint8, device=device)
+    token_slots = torch.randperm(32, device=device)[:11]
+    token_slots[0] = -1
+    cases.append(("fused-fp8-cache-r4-d512-bf16-in", (*args, weight, cos, sin, pages, 16, token_slots), {}))
+    cases.append(("zero-tokens", _batched_case(128, 128, (3, 0), (0, 0), device), {}))
+    return cases
+
+
 def _norm_rope_cases(device: torch.device) -> list[tuple[str, tuple, dict]]:
     cos, sin = _rope(300, device)
     cases = []
@@ -771,6 +828,7 @@ def _indexer_cases(device: torch.device) -> list[tuple[str, tuple, dict]]:
 
 register_check(OpCheck(OP_PREFILL, _prefill_cases, (_compare, _compare_state, _compare_state),
                            oracle=oracle.compressor_prefill))
+register_check(OpCheck(OP_PREFILL_BATCHED, _batched_cases, _compare, oracle=oracle.compressor_prefill_batched))
 register_check(OpCheck(OP_DECODE, _decode_cases, _compare, oracle=oracle.compressor_decode))
 register_check(OpCheck(OP_NORM_ROPE, _norm_rope_cases, _compare, oracle=oracle.compressor_norm_rope))
 register_check(OpCheck(OP_INDEXER, _indexer_cases, _compare, oracle=oracle.indexer_cache_quantize))

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-__all__ = ["compressor_prefill", "compressor_decode", "compressor_norm_rope", "indexer_cache_quantize"]
+__all__ = ["compressor_prefill", "compressor_prefill_batched", "compressor_decode", "compressor_norm_rope", "indexer_cache_quantize"]
 
 ROPE_DIM = 64
 _NEG_INF = float("-inf")
@@ -122,6 +122,64 @@ def compressor_prefill(kv, score, ape, ratio, norm_weight=None, rope_cos=None, r
         kv_state[first_row + t - n * ratio] = kv[t]
         score_state[first_row + t - n * ratio] = biased[t].float()
     return entries, kv_state, score_state
+
+
+def compressor_prefill_batched(kv, score, ape, ratio, cu_seqlens, kv_state, score_state, start_positions=None,
+                               slot_ids=None, norm_weight=None, rope_cos=None, rope_sin=None, kv_cache=None,
+                               cache_block_size=64, cache_slots=None):
+    """Entries [N, d] and emitted [N] of a ragged batch, token by token: each valid chunk walks its tokens
+    through an fp64 copy of its state (a fresh one when it starts at position 0), as SPEC 2's decode
+    rules say, and pools where a block completes. The states are not written."""
+    coff = _coff(ratio)
+    total, width = kv.shape
+    d = width // coff
+    bounds = [min(max(int(c), 0), total) for c in cu_seqlens.tolist()]
+    batch = len(bounds) - 1
+    starts = [0] * batch if start_positions is None else [int(p) for p in start_positions.tolist()]
+    slots = list(range(batch)) if slot_ids is None else [int(s) for s in slot_ids.tolist()]
+    out = torch.zeros(total, d, dtype=torch.float64, device=kv.device)
+    emitted = [False] * total
+    first_row = ratio if coff == 2 else 0
+    for b in range(batch):
+        lo, hi = bounds[b], max(bounds[b], bounds[b + 1])
+        start, slot = starts[b], slots[b]
+        end = start + hi - lo
+        if not (0 <= slot < kv_state.shape[0] and start >= 0) or (rope_cos is not None and
+                                                                  end - ratio >= rope_cos.shape[0]):
+            continue
+        if start == 0:
+            kv_rows = torch.zeros(coff * ratio, width, dtype=torch.float64, device=kv.device)
+            sc_rows = torch.full((coff * ratio, width), _NEG_INF, dtype=torch.float64, device=kv.device)
+        else:
+            kv_rows, sc_rows = kv_state[slot].double().clone(), score_state[slot].double().clone()
+        for t in range(lo, hi):
+            phase = (start + t - lo) % ratio
+            kv_rows[first_row + phase] = kv[t].double()
+            sc_rows[first_row + phase] = _biased_row(score[t].float(), ape[phase])
+            if phase != ratio - 1:
+                continue
+            emitted[t] = True
+            if coff == 1:
+                rows = [(kv_rows[i], sc_rows[i]) for i in range(ratio)]
+            else:
+                rows = [(kv_rows[ratio + i, d:], sc_rows[ratio + i, d:]) for i in range(ratio)]
+                rows += [(kv_rows[i, :d], sc_rows[i, :d]) for i in range(ratio)]
+            out[t] = _online_pool(rows)
+            if coff == 2:  # after pooling: the rows above are views of the state
+                kv_rows[:ratio], sc_rows[:ratio] = kv_rows[ratio:].clone(), sc_rows[ratio:].clone()
+    entries = out.float()
+    rows_out = [t for t in range(total) if emitted[t]]
+    if norm_weight is not None:
+        fused = torch.zeros(total, d, dtype=torch.bfloat16, device=kv.device)
+        if rows_out:
+            token_start = {}
+            for b in range(batch):
+                for t in range(bounds[b], max(bounds[b], bounds[b + 1])):
+                    token_start[t] = starts[b] + t - bounds[b]
+            at = torch.tensor([token_start[t] + 1 - ratio for t in rows_out], dtype=torch.int64, device=kv.device)
+            fused[rows_out] = compressor_norm_rope(entries[rows_out], norm_weight, rope_cos, rope_sin, at)
+        entries = fused
+    return entries, torch.tensor(emitted, dtype=torch.bool, device=kv.device)
 
 
 def compressor_decode(kv_state, score_state, kv, score, ape, positions, ratio, slot_ids=None,

@@ -9,7 +9,8 @@ prefill_kernel runs two kinds of program side by side:
   it: fp32, or RMSNorm + RoPE in bf16 and optionally its SPEC 1.2 FP8 form at the token's cache slot.
 - state programs, one per chunk: the (at most coff) entries whose rows reach back before the chunk into
   the state, then, after a barrier, the chunk's state update (ratio 4: rows 0:4 <- the last complete
-  block; the incomplete block's new rows at off + p mod r). Only this program touches the chunk's slot,
+  block, or kv 0 / score -inf for a new sequence that has none yet; the incomplete block's new rows at
+  off + p mod r). Only this program touches the chunk's slot,
   so nothing races with the rows it reads.
 Invalid chunks (slot outside the state, negative start, fused form past the RoPE tables) read and write
 nothing; rows of no chunk keep the zeros the wrapper allocates.
@@ -151,6 +152,11 @@ def prefill_kernel(kv_ptr, score_ptr, ape_ptr, cu_ptr, start_ptr, slot_ptr, kv_s
             tl.debug_barrier()  # every state row this program pooled is read before any is rewritten
             c = tl.arange(0, W)
             if COFF == 2:
+                if (start == 0) & (end > 0) & (end < R):  # a new sequence: entry 0's previous block is empty
+                    i = tl.arange(0, R)
+                    zero = tl.zeros([R, W], dtype=tl.float32)
+                    tl.store(kv_state + sbase + i[:, None] * W + c[None, :], zero)
+                    tl.store(score_state + sbase + i[:, None] * W + c[None, :], zero - float("inf"))
                 if end // R > start // R:  # a block completed: rows 0:4 <- the last complete block
                     i = tl.arange(0, R)
                     q = (end // R - 1) * R + i
@@ -159,9 +165,10 @@ def prefill_kernel(kv_ptr, score_ptr, ape_ptr, cu_ptr, start_ptr, slot_ptr, kv_s
                     tl.debug_barrier()
                     tl.store(kv_state + sbase + i[:, None] * W + c[None, :], k)
                     tl.store(score_state + sbase + i[:, None] * W + c[None, :], s)
-            rc = tl.arange(0, ROW_CHUNK)
+            TAIL: tl.constexpr = R if R < ROW_CHUNK else ROW_CHUNK
+            rc = tl.arange(0, TAIL)
             tail = end - end % R
-            for r0 in range(0, R, ROW_CHUNK):  # the incomplete block's new rows
+            for r0 in range(0, R, TAIL):  # the incomplete block's new rows
                 q = tail + r0 + rc
                 new = (q < end) & (q >= start)
                 trow = tl.where(new, lo + q - start, 0)
