@@ -20,7 +20,7 @@ from dsv4_kernels.testing import bf16_ulp
 
 RATIOS = (4, 128)
 WIDTHS = (512, 128)
-OPS = ("compressor_prefill", "compressor_decode", "compressor_norm_rope", "indexer_cache_quantize")
+OPS = ("compressor_prefill", "compressor_prefill_batched", "compressor_decode", "compressor_norm_rope", "indexer_cache_quantize")
 MAX_POS = 1024
 TOKEN_BYTES = 584
 
