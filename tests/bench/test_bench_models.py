@@ -87,6 +87,9 @@ def test_compressor_models_by_hand():
     fused_bytes = (65536 + 16384) + 65536 + 2 * 512 * 2 + 512 * 4 + 2 * 32 * 8 + 2 * (584 + 8)
     assert compressor.prefill_bytes(8, 4, 512, True, True) == fused_bytes == 153248
     assert compressor.prefill_flops(8, 4, 512, True, True) == 8192 + 2 * 512 * 41 + 2 * (4 * 512 + 194) + 2 * 448
+    # Batched prefill N = 8 tokens in B = 2 chunks, ratio 4, d = 128, fp32: per token one output row.
+    inputs = 2 * 8 * 256 * 4 + 4 * 256 * 4 + 3 * 4 + 2 * 2 * 8
+    assert compressor.batched_bytes(8, 2, 4, 128) == inputs + 2 * 2 * (2 * 4 * 2 * 256 * 4) + 8 * 128 * 4 + 8
     # Decode B = 3, ratio 128, d = 512, one row emits: its whole 128-row slot (kv and score) is read.
     inputs = 2 * 3 * 512 * 4 + 3 * 512 * 4 + 3 * 8
     state = 2 * 3 * 512 * 4 + 2 * 128 * 512 * 4

@@ -1,4 +1,5 @@
-"""Benchmark cases of the fused compressor update (SPEC 2): compressor_prefill, compressor_decode,
+"""Benchmark cases of the fused compressor update (SPEC 2): compressor_prefill, compressor_prefill_batched,
+compressor_decode,
 compressor_norm_rope, indexer_cache_quantize.
 
 V4-Flash and V4-Pro share every compressor shape (d = 512 attention and d = 128 indexer entries, ratios
@@ -11,6 +12,10 @@ rows per entry, 8 for ratio 4, 128 for ratio 128):
 - prefill: kv and score 2 * S * W * 4, ape ratio * W * 4, the two states 2 * coff * ratio * W * 4,
   entries n * d * 4 (fp32) or n * d * 2 (bf16, fused); fused also reads norm_weight d * 4 and one cos
   and sin row per entry (2 * 32 * 4), and stores n * 584 cache bytes from n int64 slots.
+- batched prefill (B chunks of N tokens in all, each continuing a prefix): kv and score 2 * N * W * 4
+  (bf16: * 2), ape, per chunk its slot's pooled rows read once (2 * coff * ratio * W * 4) and the rows
+  it leaves written (2 * coff * ratio * W * 4 at most), entries N * d * 4 (or 2: one row per token,
+  zeros where nothing emits) and N emitted flags, cu_seqlens, starts and slots; fused as prefill.
 - decode: kv and score 2 * B * W * 4, one ape row and one int64 position per token, the token's state
   row written (2 * B * W * 4); per emitting row the whole state slot read (2 * coff * ratio * W * 4) and,
   for ratio 4, the shift of rows 4:8 into 0:4 written (2 * ratio * W * 4); entries B * d * 4 (or 2) and
@@ -82,6 +87,15 @@ def prefill_flops(seq_len: int, ratio: int, d: int, norm_rope: bool = False, cac
     return seq_len * _coff(ratio) * d + pool + _fused_extra_flops(n, d, norm_rope, cache)
 
 
+def batched_bytes(tokens: int, chunks: int, ratio: int, d: int, fused: bool = False, in_bytes: int = 4) -> int:
+    coff = _coff(ratio)
+    width, n = coff * d, tokens // ratio
+    inputs = 2 * tokens * width * in_bytes + ratio * width * 4 + (chunks + 1) * 4 + 2 * chunks * 8
+    states = chunks * 2 * (2 * coff * ratio * width * 4)
+    outputs = tokens * d * (2 if fused else 4) + tokens
+    return inputs + states + outputs + _fused_extra_bytes(n, d, fused, fused)
+
+
 def decode_bytes(batch: int, ratio: int, d: int, emitting: int, norm_rope: bool = False, cache: bool = False) -> int:
     coff = _coff(ratio)
     width = coff * d
@@ -131,6 +145,32 @@ def _prefill_inputs(seq_len: int, ratio: int, d: int, fused: bool, seed: int):
         ape = 0.5 * torch.randn(ratio, width, generator=gen, device=device)
         kwargs = _fused_kwargs(seq_len // ratio, d, seq_len, True, device, gen) if fused else {}
         return (kv, score, ape, ratio), kwargs
+    return make
+
+
+def _batched_inputs(tokens: int, chunks: int, ratio: int, d: int, fused: bool, seed: int):
+    """Chunks of tokens // chunks tokens (the last takes the rest), each continuing a prefix of 1000 +
+    a random length (not a multiple of the ratio) held in its slot."""
+    def make(device):
+        gen = generator(device, seed)
+        coff = _coff(ratio)
+        width = coff * d
+        dtype = torch.bfloat16 if fused else torch.float32
+        kv = torch.randn(tokens, width, generator=gen, device=device).to(dtype)
+        score = (2.0 * torch.randn(tokens, width, generator=gen, device=device)).to(dtype)
+        ape = 0.5 * torch.randn(ratio, width, generator=gen, device=device)
+        lengths = [tokens // chunks] * (chunks - 1) + [tokens - (tokens // chunks) * (chunks - 1)]
+        cu = torch.tensor([0] + [sum(lengths[:b + 1]) for b in range(chunks)], dtype=torch.int32, device=device)
+        starts = 1000 + torch.randint(1, 1000, (chunks,), generator=gen, device=device)
+        shape = (chunks, coff * ratio, width)
+        kv_state = torch.randn(shape, generator=gen, device=device)
+        score_state = 2.0 * torch.randn(shape, generator=gen, device=device)
+        args = (kv, score, ape, ratio, cu, kv_state, score_state, starts,
+                torch.arange(chunks, device=device, dtype=torch.int64))
+        kwargs = {}
+        if fused:
+            kwargs = _fused_kwargs(tokens, d, 4000 + tokens, True, device, gen)
+        return args, kwargs
     return make
 
 
@@ -184,6 +224,26 @@ def _prefill_cases(grid: Grid) -> list[Case]:
     return out
 
 
+BATCHED_CHUNKS = 8
+
+
+def _batched_cases(grid: Grid) -> list[Case]:
+    """Chunked prefill of 8 sequences at once: d = 128 fp32 (indexer) and d = 512 fused with bf16 inputs."""
+    op = "compressor_prefill_batched"
+    out = []
+    for ratio in RATIOS:
+        for d, fused in ((INDEXER_D, False), (CACHE_D, True)):
+            variant = f"{_kind(ratio)}-r{ratio}-d{d}-B{BATCHED_CHUNKS}" + ("-bf16-fused-fp8" if fused else "")
+            for s in grid.prefill_tokens:
+                label = f"v4-prefill-batched-{variant}-S{s}"
+                shape = {"S": s, "B": BATCHED_CHUNKS, "ratio": ratio, "d": d, "fused": fused}
+                out.append(Case(op, FAMILY, label, "v4", "prefill", s, variant, shape,
+                                bytes=batched_bytes(s, BATCHED_CHUNKS, ratio, d, fused, 2 if fused else 4),
+                                flops=prefill_flops(s, ratio, d, fused, fused), compute="none",
+                                make_inputs=_batched_inputs(s, BATCHED_CHUNKS, ratio, d, fused, seed_of(op, label))))
+    return out
+
+
 def _decode_cases(grid: Grid) -> list[Case]:
     op = "compressor_decode"
     out = []
@@ -224,4 +284,4 @@ def _entry_cases(grid: Grid) -> list[Case]:
 
 
 def cases(grid: Grid) -> list[Case]:
-    return _prefill_cases(grid) + _decode_cases(grid) + _entry_cases(grid)
+    return _prefill_cases(grid) + _batched_cases(grid) + _decode_cases(grid) + _entry_cases(grid)

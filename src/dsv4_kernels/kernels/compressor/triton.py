@@ -205,7 +205,5 @@ def codegen_compressor_decode(target) -> list:
 
 
 # The prefill kernel lives in triton_prefill.py (it shares _norm_rope and _store_kv_fp8 above).
-from dsv4_kernels.kernels.compressor.triton_prefill import (  # noqa: E402
-    codegen_compressor_prefill_batched, compressor_prefill, compressor_prefill_batched)
-
-codegen_compressor_prefill = codegen_compressor_prefill_batched  # one kernel serves both forms
+from dsv4_kernels.kernels.compressor.triton_prefill import (  # noqa: E402, F401
+    codegen_compressor_prefill, codegen_compressor_prefill_batched, compressor_prefill, compressor_prefill_batched)

@@ -74,7 +74,8 @@ def _pool_entry(kv_ptr, score_ptr, ape_ptr, kv_state, score_state, sbase, lo, st
 
 @triton.jit
 def _emit(pooled, row, pos, d, entries_ptr, emitted_ptr, w_ptr, cos_ptr, sin_ptr, cache_ptr, cache_slot_ptr, eps,
-          block_size, capacity, D: tl.constexpr, FUSED: tl.constexpr, CACHE: tl.constexpr):
+          block_size, capacity, D: tl.constexpr, FUSED: tl.constexpr, CACHE: tl.constexpr, COMPACT: tl.constexpr):
+    # row: the token that completes the entry, or (COMPACT, the single-sequence form) the entry's index
     if FUSED:
         y = _norm_rope(pooled, w_ptr, cos_ptr, sin_ptr, pos, eps, d, D)
         tl.store(entries_ptr + row * D + d, y)
@@ -82,7 +83,8 @@ def _emit(pooled, row, pos, d, entries_ptr, emitted_ptr, w_ptr, cos_ptr, sin_ptr
             _store_kv_fp8(y, cache_ptr, tl.load(cache_slot_ptr + row), block_size, capacity)
     else:
         tl.store(entries_ptr + row * D + d, pooled)
-    tl.store(emitted_ptr + row, 1)
+    if not COMPACT:
+        tl.store(emitted_ptr + row, 1)
 
 
 @triton.jit
@@ -109,7 +111,7 @@ def prefill_kernel(kv_ptr, score_ptr, ape_ptr, cu_ptr, start_ptr, slot_ptr, kv_s
                    emitted_ptr, w_ptr, cos_ptr, sin_ptr, cache_ptr, cache_slot_ptr, total, batch, candidates,
                    search_steps, slots, rope_rows, eps, block_size, capacity, R: tl.constexpr,
                    COFF: tl.constexpr, D: tl.constexpr, HAS_STARTS: tl.constexpr, HAS_SLOTS: tl.constexpr,
-                   FUSED: tl.constexpr, CACHE: tl.constexpr, ROW_CHUNK: tl.constexpr):
+                   FUSED: tl.constexpr, CACHE: tl.constexpr, COMPACT: tl.constexpr, ROW_CHUNK: tl.constexpr):
     W: tl.constexpr = COFF * D
     NROWS: tl.constexpr = COFF * R
     OFF: tl.constexpr = R if COFF == 2 else 0
@@ -133,8 +135,9 @@ def prefill_kernel(kv_ptr, score_ptr, ape_ptr, cu_ptr, start_ptr, slot_ptr, kv_s
         if valid & (pid >= lo // R + b) & (j < end // R) & (j >= first_free):
             pooled = _pool_entry(kv_ptr, score_ptr, ape_ptr, kv_state, score_state, 0, lo, start, j, d, R, COFF, D,
                                  ROW_CHUNK)
-            _emit(pooled, lo + (j + 1) * R - 1 - start, j * R, d, entries_ptr, emitted_ptr, w_ptr, cos_ptr,
-                  sin_ptr, cache_ptr, cache_slot_ptr, eps, block_size, capacity, D, FUSED, CACHE)
+            row = j if COMPACT else lo + (j + 1) * R - 1 - start
+            _emit(pooled, row, j * R, d, entries_ptr, emitted_ptr, w_ptr, cos_ptr, sin_ptr, cache_ptr, cache_slot_ptr,
+                  eps, block_size, capacity, D, FUSED, CACHE, COMPACT)
     else:
         b = pid - candidates
         lo, start, end, slot, valid = _chunk(cu_ptr, start_ptr, slot_ptr, b, total, slots, rope_rows, R, HAS_STARTS,
@@ -148,7 +151,7 @@ def prefill_kernel(kv_ptr, score_ptr, ape_ptr, cu_ptr, start_ptr, slot_ptr, kv_s
                     pooled = _pool_entry(kv_ptr, score_ptr, ape_ptr, kv_state, score_state, sbase, lo, start, j, d,
                                          R, COFF, D, ROW_CHUNK)
                     _emit(pooled, lo + (j + 1) * R - 1 - start, j * R, d, entries_ptr, emitted_ptr, w_ptr, cos_ptr,
-                          sin_ptr, cache_ptr, cache_slot_ptr, eps, block_size, capacity, D, FUSED, CACHE)
+                          sin_ptr, cache_ptr, cache_slot_ptr, eps, block_size, capacity, D, FUSED, CACHE, False)
             tl.debug_barrier()  # every state row this program pooled is read before any is rewritten
             c = tl.arange(0, W)
             if COFF == 2:
@@ -181,14 +184,21 @@ def prefill_kernel(kv_ptr, score_ptr, ape_ptr, cu_ptr, start_ptr, slot_ptr, kv_s
 
 
 def _launch(kv, score, ape, ratio, cu_seqlens, kv_state, score_state, start_positions, slot_ids, norm_weight,
-            rope_cos, rope_sin, kv_cache, cache_block_size, cache_slots, op):
+            rope_cos, rope_sin, kv_cache, cache_block_size, cache_slots, op, compact=False):
+    """compact: the single-sequence form (one chunk from position 0): entry j at row j of [N // r, d], no
+    emitted flags, cache_slots per entry; else entries [N, d] at the completing tokens' rows, zeros elsewhere."""
     total, width = kv.shape
     coff = 2 if ratio == 4 else 1
     d = width // coff
     batch = cu_seqlens.shape[0] - 1
     fused = norm_weight is not None
-    entries = torch.zeros((total, d), dtype=torch.bfloat16 if fused else torch.float32, device=kv.device)
-    emitted = torch.zeros((total,), dtype=torch.bool, device=kv.device)
+    dtype = torch.bfloat16 if fused else torch.float32
+    if compact:   # every row is written
+        entries = torch.empty((total // ratio, d), dtype=dtype, device=kv.device)
+        emitted = torch.empty((0,), dtype=torch.bool, device=kv.device)
+    else:
+        entries = torch.zeros((total, d), dtype=dtype, device=kv.device)
+        emitted = torch.zeros((total,), dtype=torch.bool, device=kv.device)
     if total == 0 or batch == 0:
         return entries, emitted
     cfg = dispatch.config(dispatch.get(op, "triton"), platform.device_info(kv))
@@ -197,13 +207,15 @@ def _launch(kv, score, ape, ratio, cu_seqlens, kv_state, score_state, start_posi
     dummy = ape  # pointers the specialisation never reads
     prefill_kernel[(candidates + batch,)](
         kv, score, ape, cu_seqlens, start_positions if start_positions is not None else cu_seqlens,
-        slot_ids if slot_ids is not None else cu_seqlens, kv_state, score_state, entries, emitted.view(torch.int8),
+        slot_ids if slot_ids is not None else cu_seqlens, kv_state, score_state, entries,
+        emitted.view(torch.int8) if not compact else dummy,
         norm_weight if fused else dummy, rope_cos if fused else dummy, rope_sin if fused else dummy,
         kv_cache if cache else dummy, cache_slots if cache else cu_seqlens, total, batch, candidates,
         max(1, batch.bit_length()), kv_state.shape[0], rope_cos.shape[0] if fused else 0, 1e-6, cache_block_size,
         kv_cache.shape[0] * cache_block_size if cache else 0,
         R=ratio, COFF=coff, D=d, HAS_STARTS=start_positions is not None, HAS_SLOTS=slot_ids is not None,
-        FUSED=fused, CACHE=cache, ROW_CHUNK=cfg["ROW_CHUNK"], num_warps=cfg["num_warps"], enable_fp_fusion=FP_FUSION)
+        FUSED=fused, CACHE=cache, COMPACT=compact, ROW_CHUNK=cfg["ROW_CHUNK"], num_warps=cfg["num_warps"],
+        enable_fp_fusion=FP_FUSION)
     return entries, emitted
 
 
@@ -216,41 +228,48 @@ def compressor_prefill_batched(kv, score, ape, ratio, cu_seqlens, kv_state, scor
 
 def compressor_prefill(kv, score, ape, ratio, norm_weight=None, rope_cos=None, rope_sin=None, kv_cache=None,
                        cache_block_size=64, cache_slots=None):
-    """The single-sequence form: one chunk from position 0 into a fresh state, entries gathered from the
-    rows of the tokens that complete them."""
+    """The single-sequence form: one chunk from position 0 into a fresh state, entries compact."""
     from dsv4_kernels.reference.compressor import compressor_init_state
     seq_len, width = kv.shape
     coff = 2 if ratio == 4 else 1
-    n = seq_len // ratio
     kv_state, score_state = compressor_init_state(ratio, width // coff, 1, kv.device)
     cu = torch.tensor([0, seq_len], dtype=torch.int64, device=kv.device)
-    token_slots = None
-    if kv_cache is not None:
-        token_slots = torch.full((seq_len,), -1, dtype=torch.int64, device=kv.device)
-        token_slots[ratio - 1:n * ratio:ratio] = cache_slots
     entries, _ = _launch(kv, score, ape, ratio, cu, kv_state, score_state, None, None, norm_weight, rope_cos,
-                         rope_sin, kv_cache, cache_block_size, token_slots, "compressor_prefill")
-    return entries[ratio - 1:n * ratio:ratio].contiguous(), kv_state[0], score_state[0]
+                         rope_sin, kv_cache, cache_block_size, cache_slots, "compressor_prefill", compact=True)
+    return entries, kv_state[0], score_state[0]
 
 
-def codegen_compressor_prefill_batched(target) -> list:
-    """The forms engines run: d = 512 fused with the FP8 cache store (attention compressor) and d = 128 in
-    fp32 (the indexer compressor's pooled entries), for ratio 4 and 128; bf16 inputs for the d = 512 form."""
+def _codegen(op: str, forms, compact: bool) -> list:
     from dsv4_kernels.codegen import TritonKernel
-    cfg = dispatch.get("compressor_prefill_batched", "triton").defaults
+    cfg = dispatch.get(op, "triton").defaults
     sig = {"kv_ptr": "*fp32", "score_ptr": "*fp32", "ape_ptr": "*fp32", "cu_ptr": "*i32", "start_ptr": "*i64",
            "slot_ptr": "*i64", "kv_state": "*fp32", "score_state": "*fp32", "entries_ptr": "*fp32",
            "emitted_ptr": "*i8", "w_ptr": "*fp32", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "cache_ptr": "*u8",
            "cache_slot_ptr": "*i64", "total": "i64", "batch": "i64", "candidates": "i64", "search_steps": "i32",
            "slots": "i64", "rope_rows": "i64", "eps": "fp32", "block_size": "i64", "capacity": "i64"}
+    if compact:
+        sig.update(cu_ptr="*i64", emitted_ptr="*fp32")
     specs = []
-    for ratio, d, fused in ((4, 512, True), (128, 512, True), (4, 128, False), (128, 128, False)):
+    for ratio, d, fused in forms:
         s = dict(sig, entries_ptr="*bf16" if fused else "*fp32")
         if fused:
             s.update(kv_ptr="*bf16", score_ptr="*bf16")
         specs.append(TritonKernel(prefill_kernel, s, {"R": ratio, "COFF": 2 if ratio == 4 else 1, "D": d,
-                                                      "HAS_STARTS": True, "HAS_SLOTS": True, "FUSED": fused,
-                                                      "CACHE": fused, "ROW_CHUNK": cfg["ROW_CHUNK"]},
+                                                      "HAS_STARTS": not compact, "HAS_SLOTS": not compact,
+                                                      "FUSED": fused, "CACHE": fused, "COMPACT": compact,
+                                                      "ROW_CHUNK": cfg["ROW_CHUNK"]},
                                   num_warps=cfg["num_warps"],
                                   label=f"r{ratio}-d{d}" + ("-bf16-in-fp8-cache" if fused else "")))
     return specs
+
+
+def codegen_compressor_prefill_batched(target) -> list:
+    """The forms engines run: d = 512 fused with the FP8 cache store (attention compressor) and d = 128 in
+    fp32 (the indexer compressor's pooled entries), for ratio 4 and 128; bf16 inputs for the d = 512 form."""
+    return _codegen("compressor_prefill_batched", ((4, 512, True), (128, 512, True), (4, 128, False),
+                                                   (128, 128, False)), compact=False)
+
+
+def codegen_compressor_prefill(target) -> list:
+    """The single-sequence specialisation (compact entries, no starts or slots), one form per ratio."""
+    return _codegen("compressor_prefill", ((4, 512, True), (128, 128, False)), compact=True)
