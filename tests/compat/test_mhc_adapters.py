@@ -185,3 +185,13 @@ def test_post_refuses_a_bad_post_shape():
     f, res = _state((2, 256)), _state((2, 4, 256))
     with pytest.raises(ValueError, match=r"post_layer_mix: expected shape \(\.\.\., 4, 1\)"):
         vllm.mhc_post(f, res, torch.rand(2, 4, 2), torch.rand(2, 4, 4))
+
+
+def test_op_errors_carry_the_engines_argument_names():
+    f, res = _state((2, 256)), _state((2, 4, 256))
+    with pytest.raises(ValueError, match=r"^x: expected dtype torch.bfloat16.*dsv4_kernels.mhc_post calls it f"):
+        sglang.mhc_post(f.float(), res, torch.rand(2, 4, 1), torch.rand(2, 4, 4))
+    with pytest.raises(ValueError, match=r"^fn: expected shape .*dsv4_kernels.mhc_pre calls it hc_fn"):
+        vllm.mhc_pre(**_pre_args(fn=torch.randn(24, 512)))
+    with pytest.raises(ValueError, match=r"^sinkhorn_repeat: expected an int >= 1"):
+        sglang.mhc_pre(**_pre_args(sinkhorn_repeat=0))

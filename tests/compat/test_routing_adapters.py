@@ -190,6 +190,11 @@ def test_default_dispatch():
                                        torch.zeros(9, 6, dtype=torch.int32)), "renormalize: expected True"),
     (lambda l, b: vllm.fused_topk_bias(l, l, "sqrtsoftplus", None, 5, True, None, torch.zeros(3).long(),
                                        torch.zeros(9, 6, dtype=torch.int32)), "hash_indices_table: expected 5"),
+    (lambda l, b: vllm.fused_topk_bias(l, l, "sqrtsoftplus", b[:100], 6, True),
+     r"^e_score_correction_bias: expected shape \(256,\).*calls it bias"),
+    (lambda l, b: vllm.fused_topk_bias(l, l, "sqrtsoftplus", None, 6, True, None, torch.zeros(2).long(),
+                                       torch.zeros(9, 6, dtype=torch.int32)), r"^input_tokens: expected shape"),
+    (lambda l, b: sglang.moe_fused_gate(l[0], b, 6, "sqrtsoftplus"), r"^scores: expected 2 dimensions"),
 ])
 def test_refusals_name_the_argument(call, match):
     with pytest.raises(ValueError, match=match):

@@ -8,6 +8,7 @@ made contiguous behind the caller's back.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import weakref
@@ -19,6 +20,24 @@ from dsv4_kernels.ops import _checks
 
 HC_MULT = 4
 HC_POST_MULT = 2.0  # the post gate is 2 * sigmoid(...) in DeepSeek-V4 and in our mhc_pre
+
+
+MHC_PRE_NAMES = {"x": "residual", "hc_fn": "fn", "iters": "sinkhorn_repeat", "eps": "hc_sinkhorn_eps",
+                 "norm_eps": "rms_eps"}
+MHC_POST_NAMES = {"f": "x", "x": "residual", "post": "post_layer_mix", "comb": "comb_res_mix"}
+
+
+@contextlib.contextmanager
+def engine_names(op: str, names: dict[str, str]):
+    """Re-raise an op's ValueError under the engine's name of the argument it names: SGLang's and vLLM's
+    `x` is the sublayer output where dsv4_kernels.mhc_post's `x` is the residual."""
+    try:
+        yield
+    except ValueError as err:
+        head, sep, rest = str(err).partition(":")
+        if not sep or head not in names:
+            raise
+        raise ValueError(f"{names[head]}:{rest} (dsv4_kernels.{op} calls it {head})") from None
 
 
 def tensor(name: str, x, dtypes=None, min_ndim: int = 1) -> torch.Tensor:
@@ -86,7 +105,8 @@ def mhc_pre(residual, fn, hc_scale, hc_base, rms_eps, hc_pre_eps, hc_sinkhorn_ep
     equal_float("hc_post_mult_value", hc_post_mult_value, HC_POST_MULT, "DeepSeek-V4's post gate 2 * sigmoid")
     no_fused_norm(norm_weight)
     _checks.positive_float("rms_eps", rms_eps)
-    y, post, comb = dk.mhc_pre(x, fn, hc_scale, hc_base, sinkhorn_repeat, eps, float(rms_eps), impl=impl)
+    with engine_names("mhc_pre", MHC_PRE_NAMES):
+        y, post, comb = dk.mhc_pre(x, fn, hc_scale, hc_base, sinkhorn_repeat, eps, float(rms_eps), impl=impl)
     return post.view(*outer, HC_MULT, 1), comb.view(*outer, HC_MULT, HC_MULT), y.view(*outer, y.shape[-1])
 
 
@@ -96,7 +116,8 @@ def mhc_post(x, residual, post_layer_mix, comb_res_mix, impl):
     f = flat("x", x, 1)
     post = post_gates("post_layer_mix", post_layer_mix)
     comb = flat("comb_res_mix", comb_res_mix, 2)
-    return dk.mhc_post(f, res, post, comb, impl=impl).view(residual.shape)
+    with engine_names("mhc_post", MHC_POST_NAMES):
+        return dk.mhc_post(f, res, post, comb, impl=impl).view(residual.shape)
 
 
 def mhc_head(x, hc_fn, hc_scale, hc_base, rms_eps, hc_eps, impl, x_name="x", rms_name="rms_eps"):
@@ -104,7 +125,8 @@ def mhc_head(x, hc_fn, hc_scale, hc_base, rms_eps, hc_eps, impl, x_name="x", rms
     xf = flat(x_name, x, 2)
     _checks.positive_float(rms_name, rms_eps)
     _checks.positive_float("hc_eps", hc_eps)
-    y = dk.mhc_head(xf, hc_fn, hc_scale, hc_base, eps=float(hc_eps), norm_eps=float(rms_eps), impl=impl)
+    with engine_names("mhc_head", {"x": x_name, "eps": "hc_eps", "norm_eps": rms_name}):
+        y = dk.mhc_head(xf, hc_fn, hc_scale, hc_base, eps=float(hc_eps), norm_eps=float(rms_eps), impl=impl)
     return y.view(*lead(x, 2), y.shape[-1])
 
 

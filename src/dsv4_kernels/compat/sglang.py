@@ -88,8 +88,9 @@ def moe_fused_gate(scores: torch.Tensor, bias: torch.Tensor, topk: int, scoring_
         if _checks.integer(name, value) != 1:
             raise ValueError(f"{name}: expected 1 (DeepSeek-V4 routes without expert groups), got {value}")
     rsf = _common.optional_rsf(routed_scaling_factor)
-    return dk.score_topk(scores, bias, topk - n, rsf, n, apply_routed_scaling_factor_on_output, renormalize,
-                         impl=impl)
+    with _common.engine_names("score_topk", {"router_logits": "scores"}):
+        return dk.score_topk(scores, bias, topk - n, rsf, n, apply_routed_scaling_factor_on_output, renormalize,
+                             impl=impl)
 
 
 def hc_split_sinkhorn(mixes: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Tensor, hc_mult: int = 4,
@@ -105,7 +106,8 @@ def hc_split_sinkhorn(mixes: torch.Tensor, hc_scale: torch.Tensor, hc_base: torc
     """
     x = _common.flat("mixes", mixes, 1)
     outer = _common.lead(mixes, 1)
-    pre, post, comb = dk.mhc_sinkhorn(x, hc_scale, hc_base, hc_mult, sinkhorn_iters, eps, impl=impl)
+    with _common.engine_names("mhc_sinkhorn", {"iters": "sinkhorn_iters"}):
+        pre, post, comb = dk.mhc_sinkhorn(x, hc_scale, hc_base, hc_mult, sinkhorn_iters, eps, impl=impl)
     m = pre.shape[-1]
     return pre.view(*outer, m), post.view(*outer, m), comb.view(*outer, m, m)
 

@@ -23,6 +23,9 @@ from dsv4_kernels.ops import _checks
 
 __all__ = ["fused_topk_bias", "mhc_pre", "mhc_post", "mhc_fused_post_pre", "hc_head"]
 
+_ROUTER_NAMES = {"router_logits": "gating_output", "bias": "e_score_correction_bias", "input_ids": "input_tokens",
+                 "tid2eid": "hash_indices_table"}
+
 
 def _indices_type(indices_type) -> torch.dtype:
     if indices_type is None:
@@ -80,13 +83,16 @@ def fused_topk_bias(hidden_states: torch.Tensor, gating_output: torch.Tensor, sc
         if not renormalize:
             raise ValueError("renormalize: expected True in hash layers (dsv4_kernels.hash_topk always normalises "
                              "the looked-up weights), got False")
-        weights, ids = dk.hash_topk(gating_output, input_tokens, table, 0, routed_scaling_factor, True, impl=impl)
+        with _common.engine_names("hash_topk", _ROUTER_NAMES):
+            weights, ids = dk.hash_topk(gating_output, input_tokens, table, 0, routed_scaling_factor, True,
+                                        impl=impl)
     else:
         if e_score_correction_bias is None:
             raise ValueError("e_score_correction_bias: expected a [E] fp32 tensor for score routing (DeepSeek-V4's "
                              "noaux_tc layers have one), got None")
-        weights, ids = dk.score_topk(gating_output, e_score_correction_bias, topk, routed_scaling_factor, 0, True,
-                                     renormalize, impl=impl)
+        with _common.engine_names("score_topk", _ROUTER_NAMES):
+            weights, ids = dk.score_topk(gating_output, e_score_correction_bias, topk, routed_scaling_factor, 0,
+                                         True, renormalize, impl=impl)
     return weights, (ids if out_dtype == torch.int32 else ids.to(out_dtype))
 
 
@@ -146,8 +152,9 @@ def mhc_fused_post_pre(x: torch.Tensor, residual: torch.Tensor, post_layer_mix: 
                         "DeepSeek-V4's post gate 2 * sigmoid")
     _common.no_fused_norm(norm_weight)
     _checks.positive_float("rms_eps", rms_eps)
-    x_new, y, post_new, comb_new = dk.mhc_post_pre(f, res, post, comb, fn, hc_scale, hc_base, sinkhorn_repeat, eps,
-                                                   float(rms_eps), impl=impl)
+    with _common.engine_names("mhc_post_pre", {**_common.MHC_PRE_NAMES, **_common.MHC_POST_NAMES}):
+        x_new, y, post_new, comb_new = dk.mhc_post_pre(f, res, post, comb, fn, hc_scale, hc_base, sinkhorn_repeat,
+                                                       eps, float(rms_eps), impl=impl)
     outer, m = _common.lead(residual, 2), _common.HC_MULT
     return (x_new.view(residual.shape), post_new.view(*outer, m, 1), comb_new.view(*outer, m, m),
             y.view(*outer, y.shape[-1]))
