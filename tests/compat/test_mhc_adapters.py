@@ -195,3 +195,26 @@ def test_op_errors_carry_the_engines_argument_names():
         vllm.mhc_pre(**_pre_args(fn=torch.randn(24, 512)))
     with pytest.raises(ValueError, match=r"^sinkhorn_repeat: expected an int >= 1"):
         sglang.mhc_pre(**_pre_args(sinkhorn_repeat=0))
+
+
+
+def _traced(fn, *args, **kwargs):
+    """fn under torch.compile(dynamic=True, fullgraph=True) with symbolic floats, as
+    tests/test_public_surface.py traces the ops: no graph break, no host read of a symbolic value."""
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(specialize_float=False):
+        return torch.compile(lambda *a: fn(*a, **kwargs), dynamic=True, backend="eager", fullgraph=True)(*args)
+
+
+def test_adapters_trace_under_dynamic_torch_compile():
+    """The engines compile their models (vLLM by default, SGLang in graph capture): the adapters' own checks
+    and views must trace too, and give the eager results."""
+    x, (fn, scale, base) = _state((3, 4, 256)), _site(256)
+    args = (x, fn, scale, base, RMS_EPS, HC_EPS, HC_EPS, 2.0, 20)
+    for g, w in zip(_traced(sglang.mhc_pre, *args, impl="reference"), sglang.mhc_pre(*args, impl="reference")):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    f, post, comb = _state((3, 256)), 2 * torch.rand(3, 4, 1), torch.rand(3, 4, 4)
+    args = (f, x, post, comb, fn, scale, base, RMS_EPS, HC_EPS, HC_EPS, 2.0, 20)
+    for g, w in zip(_traced(vllm.mhc_fused_post_pre, *args, impl="reference"),
+                    vllm.mhc_fused_post_pre(*args, impl="reference")):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)

@@ -165,6 +165,22 @@ def test_adapters_pass_tensors_through_without_copies(monkeypatch):
     assert args[0] is logits and args[1] is tokens and args[2] is table and out[1] is ids
 
 
+def test_adapters_trace_under_dynamic_torch_compile():
+    """As tests/test_public_surface.py traces the ops: fullgraph, symbolic shapes and floats."""
+    logits, bias = 2.0 * torch.randn(3, 256), _bias(256)
+    table = torch.randint(0, 256, (VOCAB, 6), dtype=torch.int32)
+    tokens = torch.randint(0, VOCAB, (3,))
+    calls = [(sglang.moe_fused_gate, (logits, bias, 7, "sqrtsoftplus", 1, True, 1.5)),
+             (vllm.fused_topk_bias, (logits, logits, "sqrtsoftplus", None, 6, True, torch.int64, tokens, table, 2.5))]
+    for fn, args in calls:
+        torch._dynamo.reset()
+        with torch._dynamo.config.patch(specialize_float=False):
+            got = torch.compile(lambda *a: fn(*a, impl="reference"), dynamic=True, backend="eager",
+                                fullgraph=True)(*args)
+        for g, w in zip(got, fn(*args, impl="reference")):
+            assert torch.equal(g, w)
+
+
 def test_default_dispatch():
     logits, bias = 2.0 * torch.randn(3, 256), _bias(256)
     w, ids = sglang.moe_fused_gate(logits, bias, 6, "sqrtsoftplus")

@@ -170,6 +170,8 @@ def optional_rsf(value) -> float:
     return float(value)
 
 
-def finite_zero(name: str, value, why: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value != 0:
+def zero(name: str, value, why: str) -> None:
+    """A real number equal to 0 (NaN and infinities are not; no math.isfinite, which cannot read the
+    symbolic float torch.compile(dynamic=True) may pass)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != 0:
         raise ValueError(f"{name}: expected 0.0 ({why}), got {value!r}")

@@ -83,7 +83,7 @@ def moe_fused_gate(scores: torch.Tensor, bias: torch.Tensor, topk: int, scoring_
     if not renormalize and n:
         raise ValueError(f"num_fused_shared_experts: expected 0 with renormalize=False (SGLang's shared weight is "
                          f"then the raw routed sum / routed_scaling_factor, not served), got {n}")
-    _common.finite_zero("moe_softcapping", moe_softcapping, "softcapping applies to softmax routing only")
+    _common.zero("moe_softcapping", moe_softcapping, "softcapping applies to softmax routing only")
     for name, value in (("num_expert_group", num_expert_group), ("topk_group", topk_group)):
         if _checks.integer(name, value) != 1:
             raise ValueError(f"{name}: expected 1 (DeepSeek-V4 routes without expert groups), got {value}")
