@@ -2,7 +2,7 @@
 
 Two levels of result, labelled in every Artifact (`level`) and ladder record: "binary" (a cubin or a
 hsaco, what the driver loads) and "source" (HIP, Ascend C or CUDA source that still needs a compiler
-absent here). What each target produces (see ../shared/TOOLCHAIN.md):
+absent here). What each target produces (see docs/toolchain.md):
 - Triton, CUDA sm_90a / sm_100a: PTX and a cubin (triton's bundled ptxas); registers, stack and shared
   memory from triton's bundled cuobjdump.
 - Triton, ROCm gfx942 / gfx950: AMDGCN and a hsaco; VGPR/SGPR/scratch/LDS from the AMDGCN listing.
