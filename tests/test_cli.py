@@ -26,7 +26,7 @@ def test_info():
 
 @pytest.fixture(scope="module")
 def check_records():
-    r = dsv4k("check", "--json", "--op", "sigmoid_gate")
+    r = dsv4k("check", "--json", "--all-targets", "--op", "sigmoid_gate")
     assert r.returncode == 0, r.stdout + r.stderr
     return [json.loads(line) for line in r.stdout.splitlines()]
 
@@ -47,40 +47,48 @@ def test_check_json_records(check_records):
 
 
 def test_check_table_and_backend_filter():
-    r = dsv4k("check", "--backend", "rocm", "--op", "sigmoid_gate")
+    r = dsv4k("check", "--backend", "rocm", "--op", "sigmoid_gate", "--op", "mhc_sinkhorn")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "highest level" in r.stdout and "gfx942" in r.stdout and "sm_90a" not in r.stdout
-    assert "failed" in r.stdout.splitlines()[-1]
+    assert "gfx950" not in r.stdout.split("codegen targets:")[0]     # default: the first target per backend
+    ops = [line.split()[0] for line in r.stdout.splitlines()[2:] if line.split()[:1] in (["mhc_sinkhorn"],
+                                                                                          ["sigmoid_gate"])]
+    assert ops == ["mhc_sinkhorn"] * 3 + ["sigmoid_gate"] * 3    # one row per implementation, op by op
+    assert "0 failed" in r.stdout and "--op NAME" in r.stdout.splitlines()[-1]
 
 
 def test_check_table_never_shows_a_level_above_one_not_passed():
-    from dsv4_kernels.cli import _table
+    from dsv4_kernels.check_report import table
     from dsv4_kernels.ladder import Record
 
     def rec(impl, backend, target, level, status="pass", reason="ok"):
         lang = "reference" if impl == "reference" else impl
         return Record("op", impl, lang, backend, target, level, status, reason)
     no_gpu = "no CUDA device"
-    table = _table([
+    out = table([
         rec("triton", "cpu", "cpu", "cpu-numerics"),
         rec("triton", "cuda", "sm_90a", "codegen-binary"),
         rec("triton", "cuda", "device", "device-numerics", "skip", no_gpu),
+        rec("reference", "cpu", "cpu", "cpu-numerics"),
+        rec("reference", "cuda", "device", "device-numerics", "skip", no_gpu),
+        rec("reference", "rocm", "device", "device-numerics", "skip", "no ROCm device"),
         rec("tilelang", "cuda", "sm_90a", "codegen-binary"),
         rec("tilelang", "cuda", "device", "device-numerics", "skip", no_gpu),
         rec("tilelang", "rocm", "gfx942", "codegen-source"),
         rec("tilelang", "rocm", "gfx942", "codegen-binary", "skip", "source only: building a hsaco needs hipcc"),
-        rec("triton", "rocm", "gfx942", "codegen-binary", "fail", "claims not met: k: vector_loads: expected True"),
+        rec("tritonbad", "cpu", "cpu", "cpu-numerics"),
+        rec("tritonbad", "rocm", "gfx942", "codegen-binary", "fail", "claims not met: k: vector_loads: expected True"),
     ])
-    rows = {tuple(line.split()[1:4]): line for line in table.splitlines()[2:] if line.startswith("op ")}
-    assert rows[("triton", "triton", "cpu")].split()[-1] == "cpu-numerics"
-    assert "pass (cpu)" in rows[("triton", "triton", "cuda")] and rows[("triton", "triton", "cuda")].endswith(
-        "codegen-binary")
-    for backend in ("cuda", "rocm"):  # compiled, never run: numerics and highest level say "not run"
-        line = rows[("tilelang", "tilelang", backend)]
-        assert line.split()[4:6] == ["not", "run"] and line.endswith("not run"), line
-    assert "source gfx942 [" in rows[("tilelang", "tilelang", "rocm")]
-    assert "FAIL codegen-binary/gfx942: claims not met" in rows[("triton", "triton", "rocm")]
-    assert "hsaco needs hipcc" in table and "no CPU path" in table
+    rows = {line.split()[1]: line for line in out.splitlines()[2:] if line.startswith("op ")}
+    assert set(rows) == {"triton", "reference", "tilelang", "tritonbad"}   # one row per implementation
+    assert rows["triton"].endswith("codegen-binary") and "not run [1]" in rows["triton"]
+    assert rows["reference"].endswith("cpu-numerics")
+    line = rows["tilelang"]   # compiled, never run: numerics and highest level say "not run"
+    assert line.split()[2:4] == ["not", "run"] and line.endswith("not run"), line
+    assert "binary sm_90a; source gfx942 [" in line
+    assert "FAIL codegen-binary/gfx942: claims not met" in rows["tritonbad"]
+    assert rows["tritonbad"].split()[-1] != "codegen-binary"
+    assert "hsaco needs hipcc" in out and "no CPU path" in out and "no CUDA device; no ROCm device" in out
 
 
 def test_codegen_writes_a_file(tmp_path):

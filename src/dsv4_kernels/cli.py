@@ -30,109 +30,44 @@ def cmd_info(args) -> int:
     return 0
 
 
-_NO_CPU_RUN = "never run: {language} kernels have no CPU path here (numerics need the device)"
-
-
-def _cell(recs, notes: dict) -> str:
-    """pass / FAIL / not run [footnote] / - (the level does not apply) for the records of one level."""
-    if not recs:
-        return "-"
-    if any(r.status == "fail" for r in recs):
-        return "FAIL"
-    if all(r.status == "pass" for r in recs):
-        return "pass"
-    reason = next(r.reason for r in recs if r.status == "skip")
-    return f"not run [{notes.setdefault(reason, len(notes) + 1)}]"
-
-
-def _codegen_cell(recs, notes: dict) -> str:
-    """binary TARGETS / source TARGETS [why no binary] / FAIL / - ."""
-    if not recs:
-        return "-"
-    if any(r.status == "fail" for r in recs):
-        return "FAIL"
-    binary = sorted(r.target for r in recs if r.level == "codegen-binary" and r.status == "pass")
-    source = sorted(r.target for r in recs if r.level == "codegen-source" and r.status == "pass")
-    why = sorted({notes.setdefault(r.reason, len(notes) + 1) for r in recs if r.status == "skip"})
-    parts = ([f"binary {','.join(binary)}"] if binary else []) + ([f"source {','.join(source)}"] if source else [])
-    return "; ".join(parts) + "".join(f" [{n}]" for n in why) if parts else "not run"
-
-
-def _highest(numerics_ok: bool, codegen: list, device_ok: bool, perf_ok: bool) -> str:
-    """The highest level L such that every level below L passed (ladder order; codegen only where the
-    implementation compiles). A kernel that has never run numerically anywhere shows "not run", whatever it
-    compiles to; one compiled to source only stops at codegen-source."""
-    if not (numerics_ok or device_ok):
-        return "not run"
-    best = "cpu-numerics" if numerics_ok else "device-numerics"
-    if codegen:
-        if any(r.status == "fail" for r in codegen) or not any(r.status == "pass" for r in codegen):
-            return best
-        binary = {r.target for r in codegen if r.level == "codegen-binary" and r.status == "pass"}
-        if binary != {r.target for r in codegen}:
-            return "codegen-source"
-        if not device_ok:
-            return "codegen-binary"
-        best = "device-numerics"
-    if device_ok and perf_ok:
-        best = "device-perf"
-    return best
-
-
-def _table(records) -> str:
-    """One row per (op, impl, backend) with one column per level: numerics (on this row's device, else
-    the CPU interpreter run of the same implementation), codegen (binary or source, per target), device
-    numerics and perf; skip reasons as numbered footnotes, failures in full. "highest level" never goes
-    past a level that did not pass: a kernel that has only been compiled shows "not run"."""
-    rows: dict = {}
-    for r in records:
-        rows.setdefault((r.op, r.impl, r.language, r.backend), []).append(r)
-    cpu_numerics = {(op, impl): [r for r in recs if r.level == "cpu-numerics"]
-                    for (op, impl, _, backend), recs in rows.items() if backend == "cpu"}
-    notes: dict[str, int] = {}
-    head = (f"{'op':<22} {'impl':<16} {'language':<9} {'backend':<7} {'numerics':<13} {'codegen':<26} "
-            f"{'device':<12} {'perf':<12} {'highest level':<15} notes")
-    lines = [head, "-" * len(head)]
-    for (op, impl, lang, backend), recs in sorted(rows.items()):
-        level = {lvl: [r for r in recs if r.level == lvl] for lvl in ("device-numerics", "device-perf")}
-        codegen = [r for r in recs if r.level.startswith("codegen")]
-        cpu = cpu_numerics.get((op, impl), [])
-        device_ok = bool(level["device-numerics"]) and all(r.status == "pass" for r in level["device-numerics"])
-        numerics_ok = bool(cpu) and all(r.status == "pass" for r in cpu)
-        if device_ok:
-            numerics = "pass (device)"
-        elif cpu:
-            numerics = _cell(cpu, notes) + (" (cpu)" if backend != "cpu" and numerics_ok else "")
-        else:
-            reason = _NO_CPU_RUN.format(language=lang)
-            numerics = f"not run [{notes.setdefault(reason, len(notes) + 1)}]"
-        perf_ok = bool(level["device-perf"]) and all(r.status == "pass" for r in level["device-perf"])
-        fails = [f"{r.level}/{r.target}: {r.reason}" for r in recs if r.status == "fail"]
-        lines.append(f"{op:<22} {impl:<16} {lang:<9} {backend:<7} {numerics:<13} {_codegen_cell(codegen, notes):<26} "
-                     f"{_cell(level['device-numerics'], notes):<12} {_cell(level['device-perf'], notes):<12} "
-                     f"{_highest(numerics_ok, codegen, device_ok, perf_ok):<15} "
-                     + ("FAIL " + " | ".join(fails) if fails else ""))
-    if notes:
-        lines.append("")
-        lines += [f"[{n}] {reason}" for reason, n in notes.items()]
-    return "\n".join(line.rstrip() for line in lines)
+def _check_targets(args, backends: tuple[str, ...]) -> tuple[str, ...] | None:
+    """The codegen targets of a check: every target with --all-targets, else the first (the oldest chip)
+    of each backend, which keeps the default run to a couple of minutes."""
+    if args.all_targets:
+        return None
+    from dsv4_kernels.backends import all_backends
+    return tuple(b.targets[0].name for b in all_backends() if b.name in backends and b.targets)
 
 
 def cmd_check(args) -> int:
-    from dsv4_kernels import ladder
+    import time
+    from dsv4_kernels import check_report, ladder
     # A DSV4K_IMPL that names no op or implementation would change what an engine runs: refuse it here
     # rather than report a ladder that ignores it.
     dispatch.env_choices()
     backends = tuple(args.backend) if args.backend else BACKEND_CHOICES
-    records = ladder.run(backends, ops=tuple(args.op) if args.op else None)
-    if args.json:
-        for r in records:
-            print(json.dumps(asdict(r)))
-    else:
-        print(_table(records))
+    ops = tuple(args.op) if args.op else None
+    targets = _check_targets(args, backends)
+    selected = ladder._selected(ops)
+    table = check_report.Table(selected, [i.name for op in selected for i in dispatch.implementations(op)])
+    if not args.json:
+        print("\n".join(table.header()), flush=True)
+    start, records = time.perf_counter(), []
+    for _, recs in ladder.stream(backends, ops=ops, targets=targets):
+        records += recs
+        if args.json:
+            for r in recs:
+                print(json.dumps(asdict(r)), flush=True)
+        else:
+            print("\n".join(table.rows(recs)), flush=True)
+    if not args.json:
+        print("\n".join(table.footer()))
         counts = {s: sum(r.status == s for r in records) for s in ("pass", "fail", "skip")}
         print(f"\n{counts['pass']} passed, {counts['fail']} failed, {counts['skip']} skipped "
-              f"({len(records)} checks over levels {', '.join(ladder.LEVELS)})")
+              f"({len(records)} checks over levels {', '.join(ladder.LEVELS)}) in {time.perf_counter() - start:.0f} s")
+        if targets is not None:
+            print(f"codegen targets: {', '.join(targets)} (the first of each backend; --all-targets adds the others)")
+        print("narrow it: --op NAME (repeatable), --backend cuda|rocm|ascend; --json for one record per level")
     return 1 if any(r.status == "fail" for r in records) else 0
 
 
@@ -177,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="one JSON record per (op, impl, backend, target, level)")
     c.add_argument("--backend", action="append", choices=BACKEND_CHOICES, help="limit codegen/device levels")
     c.add_argument("--op", action="append", help="only these ops")
+    c.add_argument("--all-targets", action="store_true",
+                   help="codegen for every target (default: the first target of each backend)")
     c.set_defaults(fn=cmd_check)
     g = sub.add_parser("codegen", help="print or write the generated source of one implementation for a target")
     g.add_argument("op")

@@ -329,10 +329,6 @@ _RESULT_MARK = "dsv4k-codegen-result "
 _WORKER = [sys.executable, "-c", "import sys; from dsv4_kernels.codegen import main; sys.exit(main())"]
 
 
-def _crash_summary(proc: subprocess.CompletedProcess) -> str:
-    return f"codegen subprocess died (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
-
-
 WORKERS_ENV = "DSV4K_CODEGEN_WORKERS"
 
 
@@ -346,27 +342,58 @@ def _default_workers() -> int:
     return max(1, min(2, os.cpu_count() or 1))
 
 
-def compile_many(requests: list[dict], timeout: float = 1800, workers: int | None = None) -> list[dict]:
+def compile_many(requests: list[dict], timeout: float = 1800, workers: int | None = None,
+                 on_result: Callable[[int, dict], None] | None = None) -> list[dict]:
     """Compile [{"op", "impl", "target"}, ...] in clean subprocesses; each result adds "ok" and
     "artifacts" or "error", in the order of the requests.
 
     workers: compiler subprocesses run side by side (default: _default_workers()); the requests are dealt
     out round-robin and the results put back in order.
+    on_result: called with (request index, result) as each result arrives (from the workers' threads),
+    for callers that report progress.
     """
+    if not requests:
+        return []
     workers = max(1, min(len(requests), workers or _default_workers()))
     if workers == 1:
-        return _compile_serial(requests, timeout)
+        return _compile_serial(requests, timeout, on_result)
     from concurrent.futures import ThreadPoolExecutor
+
+    def shard(i: int) -> list[dict]:
+        report = None if on_result is None else (lambda j, r: on_result(i + j * workers, r))
+        return _compile_serial(requests[i::workers], timeout, report)
     with ThreadPoolExecutor(workers) as pool:
-        parts = list(pool.map(lambda shard: _compile_serial(shard, timeout),
-                              [requests[i::workers] for i in range(workers)]))
+        parts = list(pool.map(shard, range(workers)))
     results: list[dict] = [{}] * len(requests)
     for i, part in enumerate(parts):
         results[i::workers] = part
     return results
 
 
-def _compile_serial(requests: list[dict], timeout: float) -> list[dict]:
+def _run_worker(requests: list[dict], timeout: float, env: dict, got: Callable[[dict], None]) -> tuple[int, str]:
+    """One compiler subprocess over `requests`, each result passed to `got` as its line arrives; returns
+    (exit code, the tail of stderr). The subprocess is killed after `timeout` seconds."""
+    import threading
+    with tempfile.TemporaryFile(mode="w+") as err:
+        proc = subprocess.Popen(_WORKER, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
+                                env=env)
+        timer = threading.Timer(timeout, proc.kill)
+        timer.start()
+        try:
+            proc.stdin.write(json.dumps(requests))
+            proc.stdin.close()
+            for line in proc.stdout:
+                if line.startswith(_RESULT_MARK):
+                    got(json.loads(line[len(_RESULT_MARK):]))
+            code = proc.wait()
+        finally:
+            timer.cancel()
+        err.seek(0)
+        return code, err.read()[-4000:]
+
+
+def _compile_serial(requests: list[dict], timeout: float,
+                    on_result: Callable[[int, dict], None] | None = None) -> list[dict]:
     """compile_many in one subprocess at a time.
 
     The subprocess reports one result per line as it goes. When it dies (TVM's C++ code generator has
@@ -377,28 +404,27 @@ def _compile_serial(requests: list[dict], timeout: float) -> list[dict]:
     """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     results: list[dict] = []
-    remaining = list(requests)
     retried: dict[int, str] = {}
-    while remaining:
-        proc = subprocess.run(_WORKER, input=json.dumps(remaining),
-                              capture_output=True, text=True, env=env, timeout=timeout)
-        got = [json.loads(line[len(_RESULT_MARK):]) for line in proc.stdout.splitlines()
-               if line.startswith(_RESULT_MARK)]
-        for r in got:
-            first_crash = retried.pop(len(results), None)
-            results.append({**r, "crash_retry": first_crash} if first_crash else r)
-        remaining = remaining[len(got):]
-        if not remaining:
+
+    def add(r: dict) -> None:
+        first_crash = retried.pop(len(results), None)
+        results.append({**r, "crash_retry": first_crash} if first_crash else r)
+        if on_result is not None:
+            on_result(len(results) - 1, results[-1])
+    while len(results) < len(requests):
+        before = len(results)
+        code, stderr = _run_worker(requests[before:], timeout, env, add)
+        if len(results) == len(requests):
             break  # every result arrived (a crash on the way out loses nothing)
-        if proc.returncode > 0 and not got:
-            raise RuntimeError(_crash_summary(proc))  # it failed before compiling anything: no retry
+        crash = f"codegen subprocess died (exit {code}):\n{stderr}"
+        if code > 0 and len(results) == before:
+            raise RuntimeError(crash)  # it failed before compiling anything: no retry
         index = len(results)
         if index in retried:  # the same request killed it twice: report it and go on with the rest
-            results.append({**remaining[0], "ok": False, "error": _crash_summary(proc)})
             del retried[index]
-            remaining = remaining[1:]
+            add({**requests[index], "ok": False, "error": crash})
         else:
-            retried[index] = _crash_summary(proc)
+            retried[index] = crash
     return results
 
 

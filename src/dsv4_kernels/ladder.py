@@ -152,15 +152,20 @@ def cpu_numerics(ops: tuple[str, ...] | None = None) -> list[Record]:
     return records
 
 
+_OP_MARK = "dsv4k-ladder-op "
+
+
+def _numerics_worker(ops: list[str], stderr) -> subprocess.Popen:
+    """The cpu-numerics subprocess (Triton interpreter on): one marked JSON line per op as it finishes;
+    stderr to a file (a pipe nobody reads would fill up and stall it)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    return subprocess.Popen([sys.executable, "-c", "import sys; from dsv4_kernels.ladder import main; sys.exit(main())",
+                             *ops], stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
+
+
 def cpu_numerics_in_interpreter(ops: tuple[str, ...] | None = None) -> list[Record]:
     """cpu-numerics in a subprocess with the Triton interpreter on, so Triton kernels run on the CPU."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", "import sys; from dsv4_kernels.ladder import main; sys.exit(main())",
-                           *_selected(ops)],
-                          capture_output=True, text=True, env=env, timeout=1800)
-    if proc.returncode != 0:
-        raise RuntimeError(f"cpu-numerics subprocess failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return [Record(**r) for r in json.loads(proc.stdout.strip().splitlines()[-1])]
+    return [r for _, recs in stream(levels=("cpu-numerics",), ops=ops) for r in recs]
 
 
 def _summary(artifacts: list) -> str:
@@ -198,9 +203,8 @@ def codegen_level_records(op: str, impl: dispatch.Implementation, target, result
 
 
 def codegen_records(backends: tuple[str, ...], ops: tuple[str, ...] | None = None) -> list[Record]:
-    from dsv4_kernels.codegen import compile_many, targets_for
-    jobs = [(op, impl, t) for op in _selected(ops) for impl in dispatch.implementations(op)
-            for t in targets_for(impl) if t.backend in backends]
+    from dsv4_kernels.codegen import compile_many
+    jobs = codegen_jobs(backends, ops)
     results = compile_many([{"op": op, "impl": impl.name, "target": t.name} for op, impl, t in jobs])
     return [r for (op, impl, t), res in zip(jobs, results) for r in codegen_level_records(op, impl, t, res)]
 
@@ -256,22 +260,90 @@ def device_records(backends: tuple[str, ...], ops: tuple[str, ...] | None = None
     return records
 
 
-def run(backends: tuple[str, ...] = ("cuda", "rocm", "ascend"), levels: tuple[str, ...] = LEVELS,
-        ops: tuple[str, ...] | None = None) -> list[Record]:
-    """The ladder for these backends and ops (None: all). CPU numerics run in an interpreter subprocess."""
+def codegen_jobs(backends: tuple[str, ...], ops: tuple[str, ...] | None = None,
+                 targets: tuple[str, ...] | None = None) -> list[tuple[str, dispatch.Implementation, object]]:
+    """(op, impl, target) for every implementation's targets on these backends (only `targets` if given)."""
+    from dsv4_kernels.codegen import targets_for
+    return [(op, impl, t) for op in _selected(ops) for impl in dispatch.implementations(op)
+            for t in targets_for(impl) if t.backend in backends and (targets is None or t.name in targets)]
+
+
+def stream(backends: tuple[str, ...] = ("cuda", "rocm", "ascend"), levels: tuple[str, ...] = LEVELS,
+           ops: tuple[str, ...] | None = None, targets: tuple[str, ...] | None = None):
+    """The ladder op by op: yields (op, records) in the order of the ops as soon as each op's levels are
+    done. CPU numerics run in an interpreter subprocess while the compilers work on the codegen levels
+    (codegen.compile_many's workers), so the first ops report while the others are still running.
+    targets: only these codegen targets (None: all of the backends')."""
+    import queue
+    import threading
     import dsv4_kernels  # noqa: F401  (registers the ops)
-    records: list[Record] = []
+    from dsv4_kernels.codegen import compile_many
+    selected = _selected(ops)
+    events: queue.Queue = queue.Queue()
+    numerics: dict[str, list[Record]] = {}
+    failure: list[str] = []
+    proc = None
     if "cpu-numerics" in levels:
-        records += cpu_numerics_in_interpreter(ops)
-    if set(CODEGEN_LEVELS) & set(levels):
-        records += [r for r in codegen_records(backends, ops) if r.level in levels]
-    if "device-numerics" in levels or "device-perf" in levels:
-        records += [r for r in device_records(backends, ops) if r.level in levels]
-    return records
+        import tempfile
+        err = tempfile.TemporaryFile(mode="w+")
+        proc = _numerics_worker(selected, err)
+
+        def read_numerics():
+            for line in proc.stdout:
+                if line.startswith(_OP_MARK):
+                    op, recs = json.loads(line[len(_OP_MARK):])
+                    events.put(("numerics", op, [Record(**r) for r in recs]))
+            if proc.wait() != 0:
+                err.seek(0)
+                failure.append(f"cpu-numerics subprocess failed (exit {proc.returncode}):\n{err.read()[-4000:]}")
+            err.close()
+            events.put(("numerics-done", None, None))
+        threading.Thread(target=read_numerics, daemon=True).start()
+    jobs = codegen_jobs(backends, ops, targets) if set(CODEGEN_LEVELS) & set(levels) else []
+    pending = {op: sum(1 for j in jobs if j[0] == op) for op in selected}
+    codegen: dict[str, list[Record]] = {op: [] for op in selected}
+    if jobs:
+        def on_result(i: int, result: dict) -> None:
+            op, impl, target = jobs[i]
+            events.put(("codegen", op, [r for r in codegen_level_records(op, impl, target, result)
+                                        if r.level in levels]))
+
+        def compile_all():
+            try:
+                compile_many([{"op": op, "impl": impl.name, "target": t.name} for op, impl, t in jobs],
+                             on_result=on_result)
+            except Exception as exc:  # noqa: BLE001  (reported as the run's failure)
+                failure.append(f"codegen failed: {type(exc).__name__}: {exc}")
+                events.put(("codegen-failed", None, None))
+        threading.Thread(target=compile_all, daemon=True).start()
+    numerics_done = proc is None
+    for op in selected:
+        while not ((numerics_done or op in numerics) and pending[op] == 0):
+            kind, name, recs = events.get()
+            if kind == "numerics":
+                numerics[name] = recs
+            elif kind == "numerics-done":
+                numerics_done = True
+            elif kind == "codegen":
+                codegen[name] += recs
+                pending[name] -= 1
+            if failure:
+                raise RuntimeError(failure[0])
+        records = numerics.get(op, []) + codegen[op]
+        if "device-numerics" in levels or "device-perf" in levels:
+            records += [r for r in device_records(backends, (op,)) if r.level in levels]
+        yield op, records
+
+
+def run(backends: tuple[str, ...] = ("cuda", "rocm", "ascend"), levels: tuple[str, ...] = LEVELS,
+        ops: tuple[str, ...] | None = None, targets: tuple[str, ...] | None = None) -> list[Record]:
+    """The ladder for these backends and ops (None: all), as one list (see stream)."""
+    return [r for _, recs in stream(backends, levels, ops, targets) for r in recs]
 
 
 def main() -> int:
-    """Subprocess entry of cpu_numerics_in_interpreter: JSON records as the last stdout line."""
+    """Subprocess entry of the cpu-numerics worker: one marked JSON line per op, as each finishes."""
     import dsv4_kernels  # noqa: F401
-    print(json.dumps([asdict(r) for r in cpu_numerics(tuple(sys.argv[1:]) or None)]))
+    for op in _selected(tuple(sys.argv[1:]) or None):
+        print(_OP_MARK + json.dumps([op, [asdict(r) for r in cpu_numerics((op,))]]), flush=True)
     return 0
