@@ -90,7 +90,20 @@ def cmd_codegen(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    import os
+    import subprocess
     from dsv4_kernels import demo
+    use_interpreter = args.interpreter
+    if use_interpreter is None:   # on a machine with no GPU, run the Triton kernels through the interpreter
+        use_interpreter = platform.machine_device().backend == "cpu" and toolchains.importable("triton")
+    if use_interpreter and not toolchains.interpreter_active():
+        # TRITON_INTERPRET must be set before triton is imported: run the demo in a child process
+        code = (f"import sys; from dsv4_kernels import demo; "
+                f"sys.exit(demo.main({args.prefill}, {args.decode}, {args.seed}))")
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        print("running the Triton kernels through the interpreter (about a minute; --no-interpreter: references "
+              "only)", flush=True)
+        return subprocess.run([sys.executable, "-c", code], env=env).returncode
     return demo.main(args.prefill, args.decode, args.seed)
 
 
@@ -125,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--prefill", type=int, default=250, help="prefill tokens")
     d.add_argument("--decode", type=int, default=8, help="decode steps after the prefill")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--interpreter", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the Triton kernels through the interpreter (default: on a machine with no GPU)")
     d.set_defaults(fn=cmd_demo)
     from dsv4_kernels.bench.command import add_arguments as bench_arguments
     b = sub.add_parser("bench", help="benchmark every op family: us, GB/s, TFLOP/s, %% of peak, speedups; "

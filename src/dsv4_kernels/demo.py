@@ -232,14 +232,16 @@ class DemoResult:
         return self.calc_diff <= self.limit and not self.note.startswith("FAIL")
 
 
-def _near_tie_flips(dec: dict, full: dict, tail: slice, rel: float = 1e-3) -> tuple[list[int], str]:
-    """Tokens whose indexer picks differ between decode and prefill. A flip is legitimate only as a
-    near-tie: in the prefill run's own scores, the entries it picked over the decode run's picks lead by
-    less than `rel` of the score scale. Returns (flipped token offsets, "" or a FAIL message)."""
+def _near_tie_flips(dec: dict, full: dict, tail: slice, rel: float = 1e-3, scores: torch.Tensor | None = None,
+                    what: str = "decode") -> tuple[list[int], str]:
+    """Tokens whose indexer picks differ between two runs (`what` and prefill). A flip is legitimate only
+    as a near-tie: in the reference prefill's scores (`scores`, default full's own), the entries it picked
+    over the other run's picks lead by less than `rel` of the score scale. Returns (flipped token offsets,
+    "" or a FAIL message)."""
     if "selection" not in dec:
         return [], ""
     flips = []
-    scores = full["scores"][tail]
+    scores = (full["scores"] if scores is None else scores)[tail]
     for i, (a, b) in enumerate(zip(dec["selection"][tail].tolist(), full["selection"][tail].tolist())):
         only_dec, only_full = set(a) - set(b) - {-1}, set(b) - set(a) - {-1}
         if not only_dec and not only_full:
@@ -248,7 +250,7 @@ def _near_tie_flips(dec: dict, full: dict, tail: slice, rel: float = 1e-3) -> tu
         gap = min(row[j].item() for j in only_full) - max(row[j].item() for j in only_dec)
         scale = row[row.isfinite()].abs().max().item()
         if gap > rel * scale:
-            return flips, f"FAIL: token {tail.start + i} picks {sorted(a)} in decode but {sorted(b)} in prefill, " \
+            return flips, f"FAIL: token {tail.start + i} picks {sorted(a)} in {what} but {sorted(b)} in the reference, " \
                           f"a score gap of {gap:.3g} (scale {scale:.3g}) is no near-tie"
         flips.append(i)
     return flips, ""
@@ -275,12 +277,23 @@ def run_demo(prefill_len: int = 250, decode_steps: int = 8, seed: int = 0) -> tu
         chosen.update(counts)
         ref = run_sequence(cfg, w, x, ids, prefill_len, impl="reference")
         full = run_sequence(cfg, w, x, ids, total, impl="reference")
+        # Dispatcher vs reference: identical when the reference was chosen. Kernels differ from it by the
+        # rounding of each op's output (an fp32 or bf16 ulp): attention stays within 1e-4 in calc_diff,
+        # except a token whose indexer top-k flips on a near-tie (excluded once shown to be one); the MoE
+        # requantises its input to FP8, where an ulp moves a value across an e4m3 rounding boundary now and
+        # then (1/16 relative), so its limit is 1e-3 (SPEC 6 gives the FP4 GEMM 1e-2), and the block's
+        # output, which adds the MoE's, gets the same.
+        every = slice(0, total)
+        flips, note = _near_tie_flips(out, ref, every, scores=full["scores"] if "scores" in full else None,
+                                      what="the dispatcher's run")
+        keep = [i for i in range(total) if i not in flips]
+        if flips and not note:
+            note = f"{len(flips)} token(s) with a near-tie indexer flip excluded"
+        for sub, limit in (("attn", 1e-4), ("moe", 1e-3), ("out", 1e-3)):
+            diff = calc_diff(out[sub][keep], ref[sub][keep])
+            worst = (out[sub][keep].float() - ref[sub][keep].float()).abs().max().item()
+            results.append(DemoResult(ratio, f"dispatch vs reference: {sub}", diff, worst, limit, note))
         sub = ("attn", "moe", "out")
-        # Dispatcher vs reference: identical when the reference was chosen; kernels differ from it by
-        # the bf16 rounding of each op's output, far under 1e-4 in calc_diff over a sublayer.
-        diff = max(calc_diff(out[k], ref[k]) for k in sub)
-        worst = max((out[k].float() - ref[k].float()).abs().max().item() for k in sub)
-        results.append(DemoResult(ratio, "dispatch vs reference", diff, worst, 1e-4))
         # Decode vs prefill: the same math in other batch shapes. torch's CPU elementwise kernels round
         # a 1-token tensor and a batched one differently (mhc_pre's post differs by an fp32 ulp on some
         # tokens), so bf16 outputs may differ by an ulp, and an indexer near-tie may flip: such a token
@@ -297,9 +310,18 @@ def run_demo(prefill_len: int = 250, decode_steps: int = 8, seed: int = 0) -> tu
 
 
 def main(prefill_len: int = 250, decode_steps: int = 8, seed: int = 0) -> int:
+    from dsv4_kernels import toolchains
     results, chosen = run_demo(prefill_len, decode_steps, seed)
-    print(f"tiny DeepSeek-V4 block: prefill {prefill_len} tokens, then {decode_steps} decode steps")
+    where = "Triton kernels through the interpreter" if toolchains.interpreter_active() else "the default device"
+    print(f"tiny DeepSeek-V4 block: prefill {prefill_len} tokens, then {decode_steps} decode steps ({where})")
     print("implementations the dispatcher ran: " + ", ".join(f"{op}={impl} x{n}" for (op, impl), n in sorted(chosen.items())))
+    if all(impl == "reference" for _, impl in chosen):
+        print("NOTE: every op ran its reference (no kernel runs here), so 'dispatch vs reference' compared the "
+              "reference with itself; on a CPU, `dsv4k demo --interpreter` runs the Triton kernels")
+    else:
+        refs = sorted(op for op, impl in chosen if impl == "reference")
+        if refs:
+            print("ops with no kernel here, run by their reference: " + ", ".join(refs))
     for r in results:
         layer = "ratio 4 (CSA, indexer top-k, hash routing)" if r.ratio == 4 else "ratio 128 (HCA, score routing)"
         print(f"{'PASS' if r.ok else 'FAIL'}  {layer:<44} {r.check:<28} calc_diff {r.calc_diff:.2e} "
