@@ -46,7 +46,34 @@ def test_unchanged_runs_pass_and_peers_never_fail(tmp_path, capsys):
     after[3]["us"] = 90.0                        # a peer slowed down 3x: shown, not a failure of ours
     assert main(["bench", "--compare", _write(tmp_path / "a.jsonl", BASE), _write(tmp_path / "b.jsonl", after)]) == 0
     out = capsys.readouterr().out
-    assert "+200.0%" in out and "4 matched, 0 regressed, 0 only in the first run, 1 only in the second" in out
+    assert "+200.0%" in out and "4 matched, 0 regressed, 0 not measured in both runs" in out
+    assert "0 only in the first run, 1 only in the second" in out
+
+
+def test_a_peer_that_is_not_installed_is_not_counted_as_matching(tmp_path, capsys):
+    missing = {"us": None, "correct": None, "status": "missing (not installed)", "reason": ""}
+    before = BASE[:3] + [dict(BASE[3], **missing)]
+    after = [dict(r) for r in before]
+    assert main(["bench", "--compare", _write(tmp_path / "a.jsonl", before), _write(tmp_path / "b.jsonl", after)]) == 0
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if "peer:flashmla" in ln)
+    assert "not compared (first: missing (not installed); second: missing (not installed))" in line
+    assert "3 matched, 0 regressed, 1 not measured in both runs" in out
+
+
+def test_a_kernel_that_stopped_running_is_a_regression(tmp_path, capsys):
+    after = [dict(r) for r in BASE]
+    after[0].update(us=None, correct=None, status="skipped", reason="supports(): dim 7168 refused")
+    assert main(["bench", "--compare", _write(tmp_path / "a.jsonl", BASE), _write(tmp_path / "b.jsonl", after)]) == 1
+    assert "REGRESSION: was measured and correct, now not measured: supports(): dim 7168" in capsys.readouterr().out
+
+
+def test_runs_are_written_outside_the_checkout_by_default(monkeypatch, tmp_path):
+    monkeypatch.delenv("DSV4K_BENCH_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert records.default_out_dir() == tmp_path / "cache" / "dsv4k" / "bench"
+    monkeypatch.setenv("DSV4K_BENCH_DIR", str(tmp_path / "mine"))
+    assert records.default_out_dir() == tmp_path / "mine"
 
 
 def test_records_match_on_chip_too():

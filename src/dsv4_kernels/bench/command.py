@@ -35,7 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-peers", action="store_true", help="do not look for peer libraries")
     p.add_argument("--interpreter", action="store_true",
                    help="on the CPU, also time Triton kernels through the interpreter (slow, not a perf number)")
-    p.add_argument("--out", type=Path, help="folder for the results (default: bench/results/ of the checkout)")
+    p.add_argument("--out", type=Path, help="folder for the results (default: $DSV4K_BENCH_DIR, else ~/.cache/dsv4k/bench; "
+                        "bench/results/<chip>/... of the checkout to commit a device run)")
     p.add_argument("--plot", action="store_true", help="also write PNG charts next to the JSON")
     p.add_argument("--from", dest="from_file", type=Path, metavar="JSONL",
                    help="do not run: print (and with --plot, chart) an existing results file")

@@ -138,9 +138,14 @@ def environment(device: DeviceInfo) -> dict:
 
 
 def default_out_dir() -> Path:
-    """bench/results/ of the checkout, else ./bench-results in the working directory."""
-    root = checkout_root()
-    return root / "bench" / "results" if root else Path.cwd() / "bench-results"
+    """Where a run's records go unless --out says: $DSV4K_BENCH_DIR, else the user's cache folder
+    ($XDG_CACHE_HOME or ~/.cache)/dsv4k/bench. Never the checkout: bench/results/ holds the device runs
+    that were committed on purpose (dsv4k check reads them as device-perf), so copying a result there
+    is a choice, made with --out."""
+    if os.environ.get("DSV4K_BENCH_DIR"):
+        return Path(os.environ["DSV4K_BENCH_DIR"])
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "dsv4k" / "bench"
 
 
 def slug(text: str) -> str:
@@ -176,6 +181,7 @@ class Change:
     after_us: float | None
     change: float | None          # relative: +0.25 means 25% slower
     regression: str | None        # why this is a regression, or None
+    unmeasured: str | None = None  # why the pair was not compared (a side without a measurement)
 
 
 def compare(before: list[dict], after: list[dict], threshold: float = 0.10) -> tuple[list[Change], list, list]:
@@ -190,7 +196,15 @@ def compare(before: list[dict], after: list[dict], threshold: float = 0.10) -> t
     for key in sorted(set(a) & set(b), key=str):
         ra, rb = a[key], b[key]
         us_a, us_b = ra.get("us"), rb.get("us")
-        rel = (us_b - us_a) / us_a if us_a and us_b is not None else None
+        if us_a is None or us_b is None:   # a peer not installed, a skipped case: nothing to compare
+            side = [f"{name}: {r.get('status') or 'no time'}" + (f" ({r['reason']})" if r.get("reason") else "")
+                    for name, r in (("first", ra), ("second", rb)) if r.get("us") is None]
+            regressed = None
+            if ra.get("correct") is True and not str(key[1]).startswith("peer:"):
+                regressed = f"was measured and correct, now not measured: {rb.get('reason') or rb.get('status')}"
+            changes.append(Change(key, us_a, us_b, None, regressed, "; ".join(side)))
+            continue
+        rel = (us_b - us_a) / us_a if us_a else None
         why = None
         if not str(key[1]).startswith("peer:"):
             if ra.get("correct") is True and rb.get("correct") is not True:
@@ -218,10 +232,14 @@ def format_changes(changes: list[Change], only_before: list, only_after: list) -
     for c in changes:
         op, impl, label, _chip = c.key
         pct = "-" if c.change is None else f"{100 * c.change:+.1f}%"
+        verdict = ("REGRESSION: " + c.regression if c.regression
+                   else f"not compared ({c.unmeasured})" if c.unmeasured else "ok")
         lines.append(f"{op:<24} {label:<40} {impl:<16} {_us(c.before_us):>10} {_us(c.after_us):>10} {pct:>8}  "
-                     f"{'REGRESSION: ' + c.regression if c.regression else 'ok'}")
+                     f"{verdict}")
     bad = sum(c.regression is not None for c in changes)
+    unmeasured = sum(c.unmeasured is not None for c in changes)
     lines.append("")
-    lines.append(f"{len(changes)} matched, {bad} regressed, {len(only_before)} only in the first run, "
+    lines.append(f"{len(changes) - unmeasured} matched, {bad} regressed, {unmeasured} not measured in both runs "
+                 f"(peers not installed, skipped cases), {len(only_before)} only in the first run, "
                  f"{len(only_after)} only in the second")
     return "\n".join(lines)
