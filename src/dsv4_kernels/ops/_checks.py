@@ -32,9 +32,15 @@ def format_shape(dims: tuple) -> str:
 
 def shape(name: str, x: torch.Tensor, expected: tuple) -> None:
     """expected: a tuple of ints or None (any size) per dimension."""
-    actual = tuple(x.shape)
-    if len(actual) != len(expected) or any(e is not None and a != e for a, e in zip(actual, expected)):
-        raise ValueError(f"{name}: expected shape {format_shape(expected)}, got {actual}")
+    actual = x.shape
+    ok = len(actual) == len(expected)
+    if ok:
+        for a, e in zip(actual, expected):   # a loop, not any(<generator>): this runs on every call
+            if e is not None and a != e:
+                ok = False
+                break
+    if not ok:
+        raise ValueError(f"{name}: expected shape {format_shape(expected)}, got {tuple(actual)}")
 
 
 def same_device(**tensors: torch.Tensor) -> None:
@@ -53,6 +59,8 @@ def one_of(name: str, value, allowed: Iterable) -> None:
 
 def integer(name: str, value, minimum: int | None = None) -> int:
     """A Python int (bool refused), optionally >= minimum."""
+    if type(value) is int and (minimum is None or value >= minimum):   # the common case, without the ABC check
+        return int(value)   # int(): under torch.compile a symbolic int (which dynamo calls int) is specialised
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
     if minimum is not None and value < minimum:
@@ -62,6 +70,9 @@ def integer(name: str, value, minimum: int | None = None) -> int:
 
 def _finite_real(name: str, value, expected: str, low: float | None = None, strict: bool = False) -> None:
     """A finite real number (bool refused), > low (strict) or >= low when low is given."""
+    if type(value) is float and not torch.compiler.is_compiling() and -math.inf < value < math.inf and (
+            low is None or (value > low if strict else value >= low)):
+        return   # the common eager case (a float in range), without the ABC check
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name}: expected {expected}, got {type(value).__name__} {value!r}")
     if torch.compiler.is_compiling():

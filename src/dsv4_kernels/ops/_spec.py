@@ -82,9 +82,70 @@ class ArgSpec:
                                      f"{entry} >= {low}, got {tuple(x.shape)}")
                 symbols[entry] = size
 
+    def __post_init__(self) -> None:
+        # The accept-only plan of _fast: per argument in checking order, its position and what to check,
+        # shape entries pre-parsed into (size, None) or (factor, symbol).
+        plan = []
+        for spec, index in self._ordered([(spec, i) for i, spec in enumerate(self.args)]):
+            if isinstance(spec, Tensor):
+                dims = []
+                for e in spec.shape:
+                    if isinstance(e, int):
+                        dims.append((e, None))
+                    else:
+                        factor, _, sym = e.rpartition("*")
+                        dims.append((int(factor) if factor else 1, sym) if factor else (0, sym))
+                plan.append((index, spec, frozenset(spec.dtypes), tuple(dims)))
+            else:
+                plan.append((index, spec, None, None))
+        object.__setattr__(self, "_plan", tuple(plan))
+
+    def _fast(self, values) -> dict[str, int] | None:
+        """The symbols when every check passes, else None (then the full checks run and raise): the same
+        conditions as the checks below, as plain attribute tests, so a valid call costs a few microseconds."""
+        if torch.compiler.is_compiling():
+            return None   # symbolic sizes and floats: the full checks know how to treat them
+        symbols: dict[str, int] = {}
+        device = None
+        for index, spec, dtypes, dims in self._plan:
+            v = values[index]
+            if dtypes is not None:
+                if (not isinstance(v, torch.Tensor) or v.dtype not in dtypes or v.dim() != len(dims)
+                        or not v.is_contiguous()):
+                    return None
+                for (factor, sym), size in zip(dims, v.shape):
+                    if sym is None:
+                        if size != factor:
+                            return None
+                    elif factor == 0:                    # a plain symbol: bound here, or checked
+                        bound = symbols.get(sym)
+                        if bound is None:
+                            low = self.minimum.get(sym)
+                            if low is not None and size < low:
+                                return None
+                            symbols[sym] = size
+                        elif size != bound:
+                            return None
+                    elif sym in symbols and size != factor * symbols[sym]:
+                        return None
+                if device is None:
+                    device = v.device
+                elif v.device != device:
+                    return None
+            elif isinstance(spec, Int):
+                if type(v) is not int or (spec.minimum is not None and v < spec.minimum) or (
+                        spec.choices is not None and v not in spec.choices):
+                    return None
+            elif type(v) is not float or not 0.0 < v < math.inf:
+                return None
+        return symbols
+
     def validate(self, *values) -> dict[str, int]:
         """Check `values` (in signature order); returns the bound symbols, e.g. {"T": 3, "dim": 4096}."""
-        symbols: dict[str, int] = {}
+        symbols = self._fast(values)
+        if symbols is not None:
+            return symbols
+        symbols = {}
         tensors: dict[str, torch.Tensor] = {}
         for spec, value in self._ordered(list(zip(self.args, values))):
             if isinstance(spec, Tensor):

@@ -14,7 +14,7 @@ from dsv4_kernels import dispatch
 from dsv4_kernels.dispatch import Implementation
 from dsv4_kernels.ladder import OpCheck, register_check
 from dsv4_kernels.oracles import compressor as oracle
-from dsv4_kernels.ops import _checks, _values
+from dsv4_kernels.ops import _checks, _library, _values
 from dsv4_kernels.reference import compressor as ref
 from dsv4_kernels.testing import assert_close, assert_same_nonfinite, bf16_ulp
 
@@ -242,7 +242,7 @@ OP_PREFILL_BATCHED = "compressor_prefill_batched"
 dispatch.register_family_op(OP_PREFILL_BATCHED, "compressor", triton={"ROW_CHUNK": 8, "num_warps": 4})
 
 
-@torch.library.custom_op("dsv4::compressor_prefill", mutates_args=("kv_cache",))
+@_library.custom_op("dsv4::compressor_prefill", mutates_args=("kv_cache",))
 def _compressor_prefill_op(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, ratio: int,
                            norm_weight: torch.Tensor | None, rope_cos: torch.Tensor | None,
                            rope_sin: torch.Tensor | None, kv_cache: torch.Tensor | None, cache_block_size: int,
@@ -261,7 +261,7 @@ def _(kv, score, ape, ratio, norm_weight, rope_cos, rope_sin, kv_cache, cache_bl
     return (entries, kv.new_empty(state, dtype=torch.float32), kv.new_empty(state, dtype=torch.float32))
 
 
-@torch.library.custom_op("dsv4::compressor_prefill_batched", mutates_args=("kv_state", "score_state", "kv_cache"))
+@_library.custom_op("dsv4::compressor_prefill_batched", mutates_args=("kv_state", "score_state", "kv_cache"))
 def _compressor_prefill_batched_op(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, ratio: int,
                                    cu_seqlens: torch.Tensor, kv_state: torch.Tensor, score_state: torch.Tensor,
                                    start_positions: torch.Tensor | None, slot_ids: torch.Tensor | None,
@@ -424,7 +424,7 @@ def validate_decode(kv_state, score_state, kv, score, ape, positions, ratio, slo
 dispatch.register_family_op(OP_DECODE, "compressor", triton={"ROW_CHUNK": 8, "num_warps": 4})
 
 
-@torch.library.custom_op("dsv4::compressor_decode", mutates_args=("kv_state", "score_state", "kv_cache"))
+@_library.custom_op("dsv4::compressor_decode", mutates_args=("kv_state", "score_state", "kv_cache"))
 def _compressor_decode_op(kv_state: torch.Tensor, score_state: torch.Tensor, kv: torch.Tensor,
                           score: torch.Tensor, ape: torch.Tensor, positions: torch.Tensor, ratio: int,
                           slot_ids: torch.Tensor | None, norm_weight: torch.Tensor | None,
@@ -524,7 +524,7 @@ dispatch.register(Implementation(
     entry="dsv4_kernels.reference.compressor:compressor_norm_rope", priority=0))
 
 
-@torch.library.custom_op("dsv4::compressor_norm_rope", mutates_args=())
+@_library.custom_op("dsv4::compressor_norm_rope", mutates_args=())
 def _compressor_norm_rope_op(entries: torch.Tensor, norm_weight: torch.Tensor, rope_cos: torch.Tensor,
                              rope_sin: torch.Tensor, positions: torch.Tensor, eps: float,
                              impl: str) -> torch.Tensor:
@@ -574,7 +574,7 @@ dispatch.register(Implementation(
     entry="dsv4_kernels.reference.compressor:indexer_cache_quantize", priority=0))
 
 
-@torch.library.custom_op("dsv4::indexer_cache_quantize", mutates_args=())
+@_library.custom_op("dsv4::indexer_cache_quantize", mutates_args=())
 def _indexer_cache_quantize_op(x: torch.Tensor, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
     return dispatch.call(OP_INDEXER, x, impl=impl or None)
 

@@ -16,7 +16,7 @@ import torch
 from dsv4_kernels import dispatch
 from dsv4_kernels.dispatch import Implementation
 from dsv4_kernels.ladder import OpCheck, register_check
-from dsv4_kernels.ops import _checks
+from dsv4_kernels.ops import _checks, _library
 from dsv4_kernels.oracles import formats as oracle
 from dsv4_kernels.reference.formats import FP8_MAX, KV_NOPE_DIM, KV_ROPE_DIM, KV_TILE, KV_TOKEN_BYTES
 from dsv4_kernels.reference.formats import quantize_kv_cache_fp8 as reference_quantize_kv
@@ -92,7 +92,7 @@ for _op in (OP_FP8, OP_MXFP4, OP_DEQUANT_MXFP4, OP_KV, OP_DEQUANT_KV):
         entry=f"dsv4_kernels.reference.formats:{_op}", priority=0))
 
 
-@torch.library.custom_op("dsv4::quantize_fp8_blockwise", mutates_args=())
+@_library.custom_op("dsv4::quantize_fp8_blockwise", mutates_args=())
 def _quantize_fp8_blockwise_op(x: torch.Tensor, block_size: int, fmt: str,
                                impl: str) -> tuple[torch.Tensor, torch.Tensor]:
     q, scale = dispatch.call(OP_FP8, x, block_size, fmt, impl=impl or None)
@@ -106,7 +106,7 @@ def _(x, block_size, fmt, impl):
             x.new_empty((*lead, k // block_size), dtype=torch.float32))
 
 
-@torch.library.custom_op("dsv4::quantize_mxfp4", mutates_args=())
+@_library.custom_op("dsv4::quantize_mxfp4", mutates_args=())
 def _quantize_mxfp4_op(x: torch.Tensor, block_size: int, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
     packed, scale = dispatch.call(OP_MXFP4, x, block_size, impl=impl or None)
     return packed, scale
@@ -119,7 +119,7 @@ def _(x, block_size, impl):
             x.new_empty((*lead, k // block_size), dtype=torch.uint8))
 
 
-@torch.library.custom_op("dsv4::dequantize_mxfp4", mutates_args=())
+@_library.custom_op("dsv4::dequantize_mxfp4", mutates_args=())
 def _dequantize_mxfp4_op(packed: torch.Tensor, scale: torch.Tensor, impl: str) -> torch.Tensor:
     return dispatch.call(OP_DEQUANT_MXFP4, packed, scale, impl=impl or None)
 
@@ -129,7 +129,7 @@ def _(packed, scale, impl):
     return packed.new_empty((*packed.shape[:-1], 2 * packed.shape[-1]), dtype=torch.float32)
 
 
-@torch.library.custom_op("dsv4::quantize_kv_cache_fp8", mutates_args=())
+@_library.custom_op("dsv4::quantize_kv_cache_fp8", mutates_args=())
 def _quantize_kv_cache_fp8_op(kv: torch.Tensor, block_size: int, impl: str) -> torch.Tensor:
     return dispatch.call(OP_KV, kv, block_size, impl=impl or None)
 
@@ -140,7 +140,7 @@ def _(kv, block_size, impl):
     return kv.new_empty((pages, block_size * KV_TOKEN_BYTES), dtype=torch.uint8)
 
 
-@torch.library.custom_op("dsv4::dequantize_kv_cache_fp8", mutates_args=())
+@_library.custom_op("dsv4::dequantize_kv_cache_fp8", mutates_args=())
 def _dequantize_kv_cache_fp8_op(pages: torch.Tensor, num_tokens: int, block_size: int, impl: str) -> torch.Tensor:
     return dispatch.call(OP_DEQUANT_KV, pages, num_tokens, block_size, impl=impl or None)
 

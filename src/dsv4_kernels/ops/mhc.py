@@ -15,7 +15,7 @@ import torch
 from dsv4_kernels import dispatch
 from dsv4_kernels.ladder import OpCheck, register_check
 from dsv4_kernels.oracles import mhc as oracle
-from dsv4_kernels.ops import _checks
+from dsv4_kernels.ops import _checks, _library
 from dsv4_kernels.ops._spec import ArgSpec, Int, PosFloat, Tensor
 from dsv4_kernels.testing import assert_bf16_close, assert_close
 
@@ -97,7 +97,7 @@ def _fake_gates(like: torch.Tensor, T, m) -> tuple[torch.Tensor, torch.Tensor]:
     return like.new_empty((T, m), dtype=torch.float32), like.new_empty((T, m, m), dtype=torch.float32)
 
 
-@torch.library.custom_op("dsv4::mhc_sinkhorn", mutates_args=())
+@_library.custom_op("dsv4::mhc_sinkhorn", mutates_args=())
 def _mhc_sinkhorn_op(mixes: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Tensor, hc_mult: int, iters: int,
                      eps: float, impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return dispatch.call("mhc_sinkhorn", mixes, hc_scale, hc_base, hc_mult, iters, eps, impl=impl or None)
@@ -109,7 +109,7 @@ def _(mixes, hc_scale, hc_base, hc_mult, iters, eps, impl):
     return (mixes.new_empty((T, hc_mult), dtype=torch.float32), *_fake_gates(mixes, T, hc_mult))
 
 
-@torch.library.custom_op("dsv4::mhc_pre", mutates_args=())
+@_library.custom_op("dsv4::mhc_pre", mutates_args=())
 def _mhc_pre_op(x: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Tensor, iters: int,
                 eps: float, norm_eps: float, impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return dispatch.call("mhc_pre", x, hc_fn, hc_scale, hc_base, iters, eps, norm_eps, impl=impl or None)
@@ -121,7 +121,7 @@ def _(x, hc_fn, hc_scale, hc_base, iters, eps, norm_eps, impl):
     return (x.new_empty((T, dim), dtype=torch.bfloat16), *_fake_gates(x, T, m))
 
 
-@torch.library.custom_op("dsv4::mhc_post", mutates_args=())
+@_library.custom_op("dsv4::mhc_post", mutates_args=())
 def _mhc_post_op(f: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor, impl: str) -> torch.Tensor:
     return dispatch.call("mhc_post", f, x, post, comb, impl=impl or None)
 
@@ -131,7 +131,7 @@ def _(f, x, post, comb, impl):
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op("dsv4::mhc_head", mutates_args=())
+@_library.custom_op("dsv4::mhc_head", mutates_args=())
 def _mhc_head_op(x: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Tensor, eps: float,
                  norm_eps: float, impl: str) -> torch.Tensor:
     return dispatch.call("mhc_head", x, hc_fn, hc_scale, hc_base, eps, norm_eps, impl=impl or None)
@@ -142,7 +142,7 @@ def _(x, hc_fn, hc_scale, hc_base, eps, norm_eps, impl):
     return x.new_empty((x.shape[0], x.shape[2]), dtype=torch.bfloat16)
 
 
-@torch.library.custom_op("dsv4::mhc_post_pre", mutates_args=())
+@_library.custom_op("dsv4::mhc_post_pre", mutates_args=())
 def _mhc_post_pre_op(f: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor, hc_fn: torch.Tensor,
                      hc_scale: torch.Tensor, hc_base: torch.Tensor, iters: int, eps: float, norm_eps: float,
                      impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -12,7 +12,7 @@ import torch
 from dsv4_kernels import dispatch
 from dsv4_kernels.ladder import OpCheck, register_check
 from dsv4_kernels.oracles import routing as oracle
-from dsv4_kernels.ops import _checks, _values
+from dsv4_kernels.ops import _checks, _library, _values
 from dsv4_kernels.testing import assert_close
 
 SCORE_OP = "score_topk"
@@ -90,7 +90,7 @@ def _fake_outputs(like: torch.Tensor, rows, cols) -> tuple[torch.Tensor, torch.T
     return like.new_empty((rows, cols), dtype=torch.float32), like.new_empty((rows, cols), dtype=torch.int32)
 
 
-@torch.library.custom_op("dsv4::score_topk", mutates_args=())
+@_library.custom_op("dsv4::score_topk", mutates_args=())
 def _score_topk_op(router_logits: torch.Tensor, bias: torch.Tensor, topk: int, routed_scaling_factor: float,
                    num_fused_shared_experts: int, apply_routed_scaling_factor_on_output: bool, renormalize: bool,
                    impl: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,7 +104,7 @@ def _(router_logits, bias, topk, routed_scaling_factor, num_fused_shared_experts
     return _fake_outputs(router_logits, router_logits.shape[0], topk + num_fused_shared_experts)
 
 
-@torch.library.custom_op("dsv4::hash_topk", mutates_args=())
+@_library.custom_op("dsv4::hash_topk", mutates_args=())
 def _hash_topk_op(router_logits: torch.Tensor, input_ids: torch.Tensor, tid2eid: torch.Tensor,
                   num_fused_shared_experts: int, routed_scaling_factor: float,
                   apply_routed_scaling_factor_on_output: bool, impl: str) -> tuple[torch.Tensor, torch.Tensor]:

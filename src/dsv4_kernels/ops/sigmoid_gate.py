@@ -7,7 +7,7 @@ import torch
 from dsv4_kernels import dispatch, toolchains
 from dsv4_kernels.dispatch import Implementation
 from dsv4_kernels.ladder import OpCheck, register_check
-from dsv4_kernels.ops import _checks
+from dsv4_kernels.ops import _checks, _library
 from dsv4_kernels.testing import assert_close
 
 OP = "sigmoid_gate"
@@ -51,7 +51,7 @@ dispatch.register(Implementation(
     defaults={"tile": 4096, "blocks": 32, "threads": 1024}))
 
 
-@torch.library.custom_op("dsv4::sigmoid_gate", mutates_args=())
+@_library.custom_op("dsv4::sigmoid_gate", mutates_args=())
 def _sigmoid_gate_op(x: torch.Tensor, gate: torch.Tensor, impl: str) -> torch.Tensor:
     return dispatch.call(OP, x, gate, impl=impl or None)
 
