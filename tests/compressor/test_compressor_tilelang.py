@@ -12,6 +12,8 @@ op tests of test_compressor_ops.py cover.
   whole state and cache bit for bit), and a decode step captured in a CUDA graph and replayed. TileLang
   GPU kernels do not run on the CPU, so these skip there with the reason.
 """
+import re
+
 import pytest
 import torch
 
@@ -58,6 +60,9 @@ def test_codegen(target, codegen_results, request):
         # the partial softmaxes (and, ratio 4, the pooling reads) before the combine and the state shift;
         # the fused form's RMSNorm partial sums before their total
         assert text.count("__syncthreads()") == 1 + ("cache" in a.label), f"{a.label}: barriers"
+        if a.label.startswith("r4"):  # the shift (a state store from a state load) comes after the barrier
+            shift = re.search(r"^\s*\*\(float4\*\)\(KVS \+ .*\) = \*\(float4\*\)\(KVS \+ ", text, re.M).start()
+            assert text.index("__syncthreads()") < shift, f"{a.label}: the ratio-4 shift is not behind a barrier"
         if "cache" in a.label:
             assert "CSLOT" in text and "*(uint2*)(KC + " in text, f"{a.label}: no vector cache store"
             assert "rintf(" in text, f"{a.label}: e4m3 subnormals need a round-to-nearest-even"
@@ -140,12 +145,12 @@ def _args(ratio=4, d=512, batch=3, slots=5, fused=False, cache=False, slot_ids=T
     return args
 
 
-@pytest.mark.parametrize("ratio", [4, 128])
-@pytest.mark.parametrize("d", [512, 128])
-@pytest.mark.parametrize("form", FORMS)
+# the FP8 cache form holds d = 512 entries (the op refuses d = 128 with a cache)
+SUPPORTED = [(r, d, f) for r in (4, 128) for d in (512, 128) for f in FORMS if not (f == "fp8-cache" and d == 128)]
+
+
+@pytest.mark.parametrize("ratio, d, form", SUPPORTED)
 def test_supports_accepts_what_the_kernel_was_built_for(ratio, d, form):
-    if form == "fp8-cache" and d == 128:
-        pytest.skip("the FP8 cache form holds d = 512 entries (the op refuses d = 128 with a cache)")
     for batch, slot_ids in ((0, True), (3, True), (3, False)):
         args = _args(ratio, d, batch, fused=form != "fp32", cache=form == "fp8-cache", slot_ids=slot_ids)
         assert tl.supports_compressor_decode(*args) is None
@@ -230,12 +235,12 @@ def _step(ratio, d, form, batch=256, slots=300, gen=None):
     if ratio == 4:
         kv_state[slot_ids[:8], :4] = 0.0
         score_state[slot_ids[:8], :4] = float("-inf")
-    slot_ids[200], positions[201] = -1, -5                 # invalid rows: nothing read or written
+    slot_ids[-3], positions[-2] = -1, -5                   # invalid rows: nothing read or written
     kv[9, -1] = float("nan")                               # NaN in, NaN out (pooled channel d - 1)
     args = [kv, score, ape, positions, ratio, slot_ids]
     if form != "fp32":
         cos, sin = rope_tables(torch.arange(MAX_POS))
-        positions[202] = MAX_POS + ratio - 1               # an entry at position MAX_POS: past the tables
+        positions[-1] = MAX_POS + ratio - 1                # an entry at position MAX_POS: past the tables
         args += [1.0 + 0.2 * torch.randn(d, generator=gen), cos, sin]
         if form == "fp8-cache":
             pages = -(-batch // BLOCK) + 2
@@ -268,20 +273,29 @@ def _check(out, expected, dev_states, ref_states, dev, ref_args):
     for name, got, want in zip(("kv_state", "score_state"), dev_states, ref_states):
         assert torch.equal(_bits(got.cpu()), _bits(want)), f"{name} differs from the reference"
     if len(dev) > 9:
-        assert torch.equal(dev[9].cpu(), ref_args[9]), "the FP8 cache bytes differ from the reference"
+        _check_cache(dev[9].cpu(), ref_args[9])
 
 
-@pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("d", [512, 128])
-@pytest.mark.parametrize("ratio", [4, 128])
+def _check_cache(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Cache bytes equal the reference's, except that a NaN among the raw bf16 rope values only has to be
+    a NaN (its sign and payload are the platform's: the reference's CPU NaN is not a GPU's)."""
+    pages = got.shape[0]
+    data = lambda c: c[:, :BLOCK * 576].view(pages, BLOCK, 576)
+    assert torch.equal(data(got)[..., :448], data(want)[..., :448]), "e4m3 bytes differ from the reference"
+    assert torch.equal(got[:, BLOCK * 576:], want[:, BLOCK * 576:]), "scale bytes differ from the reference"
+    rope = lambda c: data(c)[..., 448:].contiguous().view(torch.bfloat16)
+    g, w = rope(got), rope(want)
+    same = (g.view(torch.int16) == w.view(torch.int16)) | (g.isnan() & w.isnan())
+    assert same.all(), f"rope bytes differ from the reference at {same.logical_not().nonzero()[:4].tolist()}"
+
+
+@pytest.mark.parametrize("ratio, d, form", SUPPORTED)
 def test_device_decode_v4_shapes(device, ratio, d, form):
     _on_device(device)
-    if form == "fp8-cache" and d == 128:
-        pytest.skip("the FP8 cache form holds d = 512 entries")
     states, args = _step(ratio, d, form)
     out, expected, *rest = _run(device, states, args)
     emitted = expected[1]
-    assert emitted[:8].all() and not emitted[[200, 201]].any() and emitted.sum() >= 100
+    assert emitted[:8].all() and not emitted[-3:].any() and emitted.sum() >= 100
     assert out[0].cpu()[9].isnan().any() == emitted[9].item()
     _check(out, expected, *rest)
 
@@ -312,4 +326,4 @@ def test_device_graph_capture_and_replay(device):
                                      and torch.equal(a.nan_to_num(), b.nan_to_num()))
     for a, b in zip(eager_states, graph_states):
         assert torch.equal(_bits(a), _bits(b))
-    assert torch.equal(eager_args[9], dev_args[9])
+    assert torch.equal(eager_args[9], dev_args[9])  # the same device, the same NaN bits
