@@ -421,7 +421,12 @@ def validate_decode(kv_state, score_state, kv, score, ape, positions, ratio, slo
 
 
 # Triton: one program per sequence; ROW_CHUNK state rows per step of the online softmax (kernels/compressor).
-dispatch.register_family_op(OP_DECODE, "compressor", triton={"ROW_CHUNK": 8, "num_warps": 4})
+# TileLang: one block of `threads` per sequence, CHUNK rows per online-softmax step of a thread; the values of
+# kernels/compressor/tilelang.py's DEFAULTS (a test keeps them equal), repeated so that registering the op
+# does not import tilelang.
+TILELANG_DECODE_DEFAULTS = {"threads": 256, "CHUNK": 8}
+dispatch.register_family_op(OP_DECODE, "compressor", triton={"ROW_CHUNK": 8, "num_warps": 4},
+                            tilelang=TILELANG_DECODE_DEFAULTS)
 
 
 @_library.custom_op("dsv4::compressor_decode", mutates_args=("kv_state", "score_state", "kv_cache"))
@@ -468,7 +473,7 @@ def compressor_decode(kv_state: torch.Tensor, score_state: torch.Tensor, kv: tor
     kv_cache, cache_block_size: the FP8 cache store as in compressor_prefill (fused form, d = 512).
     cache_slots: [B] int64 flat cache slots, required with kv_cache; read only where a row emits; a slot
         outside [0, pages * cache_block_size) (-1 by convention) skips the store.
-    impl: run this implementation (only "reference" exists yet) or raise.
+    impl: run this implementation ("reference", "triton", "tilelang"; default: the dispatcher's choice) or raise.
     Returns (entries, emitted):
         entries: [B, d] fp32 (bf16 in the fused form): row b holds entry p // r where row b emits, zeros
             elsewhere.
