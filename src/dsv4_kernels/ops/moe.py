@@ -1,7 +1,7 @@
 """FP4 grouped MoE ops (SPEC 5, SPEC 7 "FP4 MoE"): `mxfp4_grouped_gemm` (FP8 activations times MXFP4
 expert weights, rows grouped by expert) and `fp4_grouped_moe` (the routed experts of one MoE layer:
-gate/up GEMM, clamped SwiGLU with the routing weight, down GEMM, routed sum). Only the reference
-implementation exists so far.
+gate/up GEMM, clamped SwiGLU with the routing weight, down GEMM, routed sum). Implementations: the
+reference and Triton (kernels/moe/README.md).
 
 Bad values (issue 11). Default path: an id outside its range is invalid and masked on the device (that
 row or slot contributes nothing and reads nothing), never wrapped; NaN in, NaN out (a non-finite
@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import torch
 
 from dsv4_kernels import dispatch, platform
-from dsv4_kernels.dispatch import Implementation
 from dsv4_kernels.ladder import OpCheck, register_check
 from dsv4_kernels.ops import _checks, _values
 from dsv4_kernels.oracles import moe as oracle
@@ -164,10 +163,12 @@ def moe_rules(topk_ids: torch.Tensor, w13: torch.Tensor,
             _values.InRange("expert_map", expert_map, 0, E, what=f"local experts of w13, E = {E}", allow=(-1,)))
 
 
+# Triton (kernels/moe/README.md): BLOCK_M rows per program (BLOCK_M_PREFILL once the GEMM has more than
+# PREFILL_ROWS rows), BLOCK_N output columns, BLOCK_K reduction step; the CPU interpreter uses larger tiles.
+TRITON_DEFAULTS = {"BLOCK_M": 16, "BLOCK_M_PREFILL": 64, "PREFILL_ROWS": 256, "BLOCK_N": 64, "BLOCK_K": 128,
+                   "num_warps": 4}
 for _op in (OP_GEMM, OP_MOE):
-    dispatch.register(Implementation(
-        _op, "reference", "reference", ("cpu", "cuda", "rocm", "ascend"),
-        entry=f"dsv4_kernels.reference.moe:{_op}", priority=0))
+    dispatch.register_family_op(_op, "moe", triton=TRITON_DEFAULTS)
 
 
 @torch.library.custom_op("dsv4::mxfp4_grouped_gemm", mutates_args=())
