@@ -43,11 +43,15 @@ def fp4_decode(code):
 
 @triton.jit
 def _weight_tile(b_ptr, bs_ptr, base, sbase, n, n_ok, k0, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 INTERPRET: tl.constexpr):
+                 EVEN_K: tl.constexpr, INTERPRET: tl.constexpr):
     # [BLOCK_N, BLOCK_K] bf16 of one expert's weight rows n, columns k0 .. k0 + BLOCK_K (0 past K)
     kh = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-    packed = tl.load(b_ptr + base + n[:, None].to(tl.int64) * (K // 2) + kh[None, :],
-                     mask=n_ok[:, None] & (kh < K // 2)[None, :], other=0).to(tl.uint32)   # [BN, BK/2]
+    rows = tl.multiple_of(base + n.to(tl.int64) * (K // 2), 16)             # K % 32 == 0: 16-byte rows
+    if EVEN_K:   # no K tail: the mask is constant along K and the loads vectorise
+        packed = tl.load(b_ptr + rows[:, None] + kh[None, :], mask=n_ok[:, None], other=0).to(tl.uint32)
+    else:
+        packed = tl.load(b_ptr + rows[:, None] + kh[None, :],
+                         mask=n_ok[:, None] & (kh < K // 2)[None, :], other=0).to(tl.uint32)   # [BN, BK/2]
     lo = fp4_decode(packed & 15)                                                      # even k
     hi = fp4_decode(packed >> 4)                                                      # odd k
     w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K // 32, 32))
@@ -64,10 +68,14 @@ def _weight_tile(b_ptr, bs_ptr, base, sbase, n, n_ok, k0, K, BLOCK_N: tl.constex
 
 @triton.jit
 def _act_tile(a_ptr, as_ptr, arow, sel, k0, K, ACT_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_K: tl.constexpr, FNUZ: tl.constexpr, INTERPRET: tl.constexpr):
+              BLOCK_K: tl.constexpr, FNUZ: tl.constexpr, EVEN_K: tl.constexpr, INTERPRET: tl.constexpr):
     # [BLOCK_M, BLOCK_K] bf16: the FP8 activations of rows arow (where sel) times their block scales
     k = k0 + tl.arange(0, BLOCK_K)
-    raw = tl.load(a_ptr + arow[:, None] * K + k[None, :], mask=sel[:, None] & (k < K)[None, :], other=0)
+    rows = tl.multiple_of(arow * K, 32)
+    if EVEN_K:
+        raw = tl.load(a_ptr + rows[:, None] + k[None, :], mask=sel[:, None], other=0)
+    else:
+        raw = tl.load(a_ptr + rows[:, None] + k[None, :], mask=sel[:, None] & (k < K)[None, :], other=0)
     v = tl.reshape(fp8_decode(raw, FNUZ), (BLOCK_M, BLOCK_K // ACT_BLOCK, ACT_BLOCK))
     kb = k0 // ACT_BLOCK + tl.arange(0, BLOCK_K // ACT_BLOCK)
     s = tl.load(as_ptr + arow[:, None] * (K // ACT_BLOCK) + kb[None, :],
@@ -81,7 +89,7 @@ def _act_tile(a_ptr, as_ptr, arow, sel, k0, K, ACT_BLOCK: tl.constexpr, BLOCK_M:
 @triton.jit
 def gemm_kernel(a_ptr, as_ptr, gather_ptr, m_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, G, HAS_GATHER: tl.constexpr,
                 FNUZ: tl.constexpr, ACT_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr):
+                BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, INTERPRET: tl.constexpr):
     r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     r_ok = r < M
@@ -96,12 +104,13 @@ def gemm_kernel(a_ptr, as_ptr, gather_ptr, m_ptr, b_ptr, bs_ptr, c_ptr, M, N, K,
     while tl.max(remaining.to(tl.int32), axis=0) > 0:        # each expert present in the block, once
         ge = tl.min(tl.where(remaining, g, G), axis=0)
         sel = remaining & (g == ge)
-        base = ge.to(tl.int64) * N * (K // 2)
+        base = tl.multiple_of(ge.to(tl.int64) * N * (K // 2), 16)
         sbase = ge.to(tl.int64) * N * (K // 32)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            a = _act_tile(a_ptr, as_ptr, arow, sel, k0, K, ACT_BLOCK, BLOCK_M, BLOCK_K, FNUZ, INTERPRET)
-            w = _weight_tile(b_ptr, bs_ptr, base, sbase, n, n_ok, k0, K, BLOCK_N, BLOCK_K, INTERPRET)
+        for kt in range(0, tl.cdiv(K, BLOCK_K)):   # k0 = kt * BLOCK_K: its divisibility is known
+            k0 = kt * BLOCK_K
+            a = _act_tile(a_ptr, as_ptr, arow, sel, k0, K, ACT_BLOCK, BLOCK_M, BLOCK_K, FNUZ, EVEN_K, INTERPRET)
+            w = _weight_tile(b_ptr, bs_ptr, base, sbase, n, n_ok, k0, K, BLOCK_N, BLOCK_K, EVEN_K, INTERPRET)
             if INTERPRET:   # fp32 operands holding the bf16 values: the same exact products
                 part = tl.dot(a, tl.trans(w), input_precision="ieee")
             else:
@@ -147,7 +156,7 @@ def grouped_gemm(a_bytes: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, 
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
     gemm_kernel[grid](a_bytes, a_scale, gather if gather is not None else m_indices, m_indices, b, b_scale, c,
                       M, N, K, G, HAS_GATHER=gather is not None, FNUZ=fnuz, ACT_BLOCK=act_block,
-                      BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k,
+                      BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, EVEN_K=K % block_k == 0,
                       INTERPRET=a_bytes.device.type == "cpu", num_warps=cfg["num_warps"], enable_fp_fusion=FP_FUSION)
     return c
 
@@ -182,8 +191,11 @@ def _gemm_spec(target, op: str, gather: bool, label: str):
            "bs_ptr": "*u8", "c_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "G": "i32"}
     return TritonKernel(gemm_kernel, sig, {"HAS_GATHER": gather, "FNUZ": target.name == "gfx942",
                                            "ACT_BLOCK": 32, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
-                                           "BLOCK_K": cfg["BLOCK_K"], "INTERPRET": False},
-                        num_warps=cfg["num_warps"], label=label, expects={"reduced_precision_mma": True})
+                                           "BLOCK_K": cfg["BLOCK_K"], "EVEN_K": True, "INTERPRET": False},
+                        num_warps=cfg["num_warps"], label=label,
+                        # ROCm: the packed weights load as dwords (4 B) at this tile (README.md, open tuning)
+                        expects={"reduced_precision_mma": True,
+                                 "vector_loads": None if target.backend == "rocm" else True})
 
 
 def codegen_mxfp4_grouped_gemm(target) -> list:
@@ -196,11 +208,11 @@ def codegen_fp4_grouped_moe(target) -> list:
     x quantisation, permutation, SwiGLU + requantisation and combine, activation block 32, the device's
     FP8 encoding."""
     from dsv4_kernels.codegen import TritonKernel
-    from dsv4_kernels.kernels.moe.triton_quant import QUANT_NB, quant_kernel, swiglu_quant_kernel
+    from dsv4_kernels.kernels.moe.triton_quant import quant_blocks, quant_kernel, swiglu_quant_kernel
     from dsv4_kernels.kernels.moe.triton_route import COMBINE_BLOCK_D, PERMUTE_CHUNK, combine_kernel, permute_kernel
     fnuz = target.name == "gfx942"
     fmt_max = FMT_MAX["e4m3fnuz" if fnuz else "e4m3fn"]
-    quant = {"BLOCK": 32, "NB": QUANT_NB, "FMT_MAX": fmt_max, "FNUZ": fnuz}
+    quant = {"BLOCK": 32, "NB": quant_blocks(32), "FMT_MAX": fmt_max, "FNUZ": fnuz}
     return [
         _gemm_spec(target, "fp4_grouped_moe", True, "gate-up-gather-b32"),
         TritonKernel(quant_kernel, {"x_ptr": "*bf16", "q_ptr": "*u8", "s_ptr": "*fp32", "K": "i32"}, quant,

@@ -85,14 +85,18 @@ def quant_kernel(x_ptr, q_ptr, s_ptr, K, BLOCK: tl.constexpr, NB: tl.constexpr, 
     b = tl.program_id(1) * NB + tl.arange(0, NB)                             # [NB] block index
     c = tl.arange(0, BLOCK)
     ok = b < K // BLOCK
-    offs = row * K + b[:, None].to(tl.int64) * BLOCK + c[None, :]           # [NB, BLOCK]
+    offs = tl.multiple_of(row * K, BLOCK) + b[:, None].to(tl.int64) * BLOCK + c[None, :]   # rows of whole blocks
     v = tl.load(x_ptr + offs, mask=ok[:, None], other=0.0).to(tl.float32)
     q, s = quant_rows(tl.reshape(v, (1, NB, BLOCK)), FMT_MAX, FNUZ)
     tl.store(q_ptr + offs, tl.reshape(q, (NB, BLOCK)), mask=ok[:, None])
     tl.store(s_ptr + row * (K // BLOCK) + b, tl.reshape(s, (NB,)), mask=ok)
 
 
-QUANT_NB = 4  # blocks per program: 128 or 512 channels
+QUANT_CHANNELS = 1024  # channels per program (32 blocks of 32, 8 of 128): 4 per lane of 4 wave64 warps
+
+
+def quant_blocks(block: int) -> int:
+    return QUANT_CHANNELS // block
 
 
 def quantize_fp8(x: torch.Tensor, block: int, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,8 +106,8 @@ def quantize_fp8(x: torch.Tensor, block: int, fmt: str) -> tuple[torch.Tensor, t
     q = torch.empty((rows, K), dtype=torch.uint8, device=x.device)
     s = torch.empty((rows, K // block), dtype=torch.float32, device=x.device)
     if rows:
-        quant_kernel[(rows, triton.cdiv(K // block, QUANT_NB))](
-            x, q, s, K, BLOCK=block, NB=QUANT_NB, FMT_MAX=FMT_MAX[fmt], FNUZ=fmt == "e4m3fnuz", num_warps=4,
+        quant_kernel[(rows, triton.cdiv(K // block, quant_blocks(block)))](
+            x, q, s, K, BLOCK=block, NB=quant_blocks(block), FMT_MAX=FMT_MAX[fmt], FNUZ=fmt == "e4m3fnuz", num_warps=4,
             enable_fp_fusion=FP_FUSION)
     return q.view(FP8_DTYPE[fmt]), s
 
@@ -122,8 +126,10 @@ def swiglu_quant_kernel(gu_ptr, m_ptr, w_ptr, q_ptr, s_ptr, I, G, limit, CLAMP: 
         c = tl.arange(0, BLOCK)
         ok = b < I // BLOCK
         col = b[:, None].to(tl.int64) * BLOCK + c[None, :]                  # [NB, BLOCK]
-        g = tl.load(gu_ptr + row * 2 * I + col, mask=ok[:, None], other=0.0).to(tl.float32)
-        u = tl.load(gu_ptr + row * 2 * I + I + col, mask=ok[:, None], other=0.0).to(tl.float32)
+        gbase = tl.multiple_of(row * 2 * I, BLOCK)                           # I % BLOCK == 0
+        ubase = tl.multiple_of(row * 2 * I + I, BLOCK)
+        g = tl.load(gu_ptr + gbase + col, mask=ok[:, None], other=0.0).to(tl.float32)
+        u = tl.load(gu_ptr + ubase + col, mask=ok[:, None], other=0.0).to(tl.float32)
         if CLAMP:   # NaN propagates, as torch.clamp does (the default min/max may return the other operand)
             nan: tl.constexpr = tl.PropagateNan.ALL
             g = tl.minimum(g, limit, propagate_nan=nan)
@@ -131,7 +137,7 @@ def swiglu_quant_kernel(gu_ptr, m_ptr, w_ptr, q_ptr, s_ptr, I, G, limit, CLAMP: 
         h = g / (1.0 + tl.exp(-g)) * u * tl.load(w_ptr + row)
         h = bf16_rne(h).to(tl.float32)
         q, s = quant_rows(tl.reshape(h, (1, NB, BLOCK)), FMT_MAX, FNUZ)
-        tl.store(q_ptr + row * I + col, tl.reshape(q, (NB, BLOCK)), mask=ok[:, None])
+        tl.store(q_ptr + tl.multiple_of(row * I, BLOCK) + col, tl.reshape(q, (NB, BLOCK)), mask=ok[:, None])
         tl.store(s_ptr + row * (I // BLOCK) + b, tl.reshape(s, (NB,)), mask=ok)
 
 
@@ -144,7 +150,7 @@ def swiglu_quant(gu: torch.Tensor, m_indices: torch.Tensor, row_w: torch.Tensor,
     q = torch.empty((M, inter), dtype=torch.uint8, device=gu.device)
     s = torch.empty((M, inter // block), dtype=torch.float32, device=gu.device)
     if M:
-        swiglu_quant_kernel[(M, triton.cdiv(inter // block, QUANT_NB))](
+        swiglu_quant_kernel[(M, triton.cdiv(inter // block, quant_blocks(block)))](
             gu, m_indices, row_w, q, s, inter, G, float(swiglu_limit), CLAMP=swiglu_limit > 0, BLOCK=block,
-            NB=QUANT_NB, FMT_MAX=FMT_MAX[fmt], FNUZ=fmt == "e4m3fnuz", num_warps=4, enable_fp_fusion=FP_FUSION)
+            NB=quant_blocks(block), FMT_MAX=FMT_MAX[fmt], FNUZ=fmt == "e4m3fnuz", num_warps=4, enable_fp_fusion=FP_FUSION)
     return q, s
