@@ -130,6 +130,7 @@ _INTERPRETER_TILE_ELEMENTS = 2 ** 20   # weight elements decoded per step
 def _tiles(op: str, device: torch.device, M: int, N: int, K: int) -> dict:
     if device.type == "cpu":   # no larger than the problem: masked lanes cost the interpreter as much
         t = dict(_INTERPRETER_TILES)
+        t["BLOCK_M"] = min(128, max(16, triton.next_power_of_2(M)))   # fewer row blocks, fewer expert passes
         t["BLOCK_K"] = min(t["BLOCK_K"], max(128, triton.next_power_of_2(K)))
         t["BLOCK_N"] = min(t["BLOCK_N"], max(16, triton.next_power_of_2(N)), _INTERPRETER_TILE_ELEMENTS // t["BLOCK_K"])
         return t
@@ -212,10 +213,10 @@ def codegen_fp4_grouped_moe(target) -> list:
     from dsv4_kernels.kernels.moe.triton_route import COMBINE_BLOCK_D, PERMUTE_CHUNK, combine_kernel, permute_kernel
     fnuz = target.name == "gfx942"
     fmt_max = FMT_MAX["e4m3fnuz" if fnuz else "e4m3fn"]
-    quant = {"BLOCK": 32, "NB": quant_blocks(32), "FMT_MAX": fmt_max, "FNUZ": fnuz}
+    quant = {"BLOCK": 32, "NB": quant_blocks(32), "ROWS": 1, "FMT_MAX": fmt_max, "FNUZ": fnuz}
     return [
         _gemm_spec(target, "fp4_grouped_moe", True, "gate-up-gather-b32"),
-        TritonKernel(quant_kernel, {"x_ptr": "*bf16", "q_ptr": "*u8", "s_ptr": "*fp32", "K": "i32"}, quant,
+        TritonKernel(quant_kernel, {"x_ptr": "*bf16", "q_ptr": "*u8", "s_ptr": "*fp32", "R": "i32", "K": "i32"}, quant,
                      label="quant-x-b32"),
         TritonKernel(permute_kernel, {"ids_ptr": "*i32", "map_ptr": "*i32", "w_ptr": "*fp32", "counts_ptr": "*i32",
                                       "offsets_ptr": "*i32", "rank_ptr": "*i32", "tok_ptr": "*i32",
@@ -224,8 +225,8 @@ def codegen_fp4_grouped_moe(target) -> list:
                      {"TOPK": 6, "HAS_MAP": True, "E_PAD": 512, "CHUNK": PERMUTE_CHUNK}, label="permute-k6-E384",
                      expects={"vector_loads": None}),
         TritonKernel(swiglu_quant_kernel, {"gu_ptr": "*bf16", "m_ptr": "*i32", "w_ptr": "*fp32", "q_ptr": "*u8",
-                                           "s_ptr": "*fp32", "I": "i32", "G": "i32", "limit": "fp32"},
+                                           "s_ptr": "*fp32", "M": "i32", "I": "i32", "G": "i32", "limit": "fp32"},
                      {"CLAMP": True, **quant}, label="swiglu-quant-b32"),
-        TritonKernel(combine_kernel, {"ys_ptr": "*bf16", "inv_ptr": "*i32", "y_ptr": "*bf16", "D": "i32"},
-                     {"TOPK": 6, "K_PAD": 8, "BLOCK_D": COMBINE_BLOCK_D}, label="combine-k6"),
+        TritonKernel(combine_kernel, {"ys_ptr": "*bf16", "inv_ptr": "*i32", "y_ptr": "*bf16", "T": "i32", "D": "i32"},
+                     {"TOPK": 6, "K_PAD": 8, "BLOCK_D": COMBINE_BLOCK_D, "ROWS": 1}, label="combine-k6"),
     ]

@@ -77,19 +77,21 @@ def quant_rows(v, FMT_MAX: tl.constexpr, FNUZ: tl.constexpr):
 
 
 @triton.jit
-def quant_kernel(x_ptr, q_ptr, s_ptr, K, BLOCK: tl.constexpr, NB: tl.constexpr, FMT_MAX: tl.constexpr,
-                 FNUZ: tl.constexpr):
-    # One program per (row, NB blocks of BLOCK channels): x [rows, K] (bf16 or fp32) -> q [rows, K] FP8
-    # bytes and s [rows, K / BLOCK] fp32 scales. K is a multiple of BLOCK.
-    row = tl.program_id(0).to(tl.int64)
+def quant_kernel(x_ptr, q_ptr, s_ptr, R, K, BLOCK: tl.constexpr, NB: tl.constexpr, ROWS: tl.constexpr,
+                 FMT_MAX: tl.constexpr, FNUZ: tl.constexpr):
+    # One program per (ROWS rows, NB blocks of BLOCK channels): x [R, K] (bf16 or fp32) -> q [R, K] FP8
+    # bytes and s [R, K / BLOCK] fp32 scales. K is a multiple of BLOCK. ROWS is 1 on GPUs; the
+    # interpreter takes many rows per program (it pays per program and per operation).
+    row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)          # [ROWS]
     b = tl.program_id(1) * NB + tl.arange(0, NB)                             # [NB] block index
     c = tl.arange(0, BLOCK)
-    ok = b < K // BLOCK
-    offs = tl.multiple_of(row * K, BLOCK) + b[:, None].to(tl.int64) * BLOCK + c[None, :]   # rows of whole blocks
-    v = tl.load(x_ptr + offs, mask=ok[:, None], other=0.0).to(tl.float32)
-    q, s = quant_rows(tl.reshape(v, (1, NB, BLOCK)), FMT_MAX, FNUZ)
-    tl.store(q_ptr + offs, tl.reshape(q, (NB, BLOCK)), mask=ok[:, None])
-    tl.store(s_ptr + row * (K // BLOCK) + b, tl.reshape(s, (NB,)), mask=ok)
+    ok = (row < R)[:, None, None] & (b < K // BLOCK)[None, :, None]           # [ROWS, NB, 1]
+    base = tl.multiple_of(row * K, BLOCK)                                    # rows of whole blocks
+    offs = base[:, None, None] + (b[:, None].to(tl.int64) * BLOCK + c[None, :])[None, :, :]
+    v = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    q, s = quant_rows(v, FMT_MAX, FNUZ)
+    tl.store(q_ptr + offs, q, mask=ok)
+    tl.store(s_ptr + row[:, None] * (K // BLOCK) + b[None, :], s, mask=tl.reshape(ok, (ROWS, NB)))
 
 
 QUANT_CHANNELS = 1024  # channels per program (32 blocks of 32, 8 of 128): 4 per lane of 4 wave64 warps
@@ -99,6 +101,11 @@ def quant_blocks(block: int) -> int:
     return QUANT_CHANNELS // block
 
 
+def rows_per_program(device: torch.device) -> int:
+    """1 on GPUs (one row of 1024 channels per program); 64 in the interpreter."""
+    return 64 if device.type == "cpu" else 1
+
+
 def quantize_fp8(x: torch.Tensor, block: int, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     """x [rows, K] bf16 or fp32, contiguous, K % block == 0 -> (q [rows, K] float8 of fmt, scale
     [rows, K / block] fp32): quantize_fp8_blockwise(x, block, fmt), bit for bit. One launch."""
@@ -106,39 +113,43 @@ def quantize_fp8(x: torch.Tensor, block: int, fmt: str) -> tuple[torch.Tensor, t
     q = torch.empty((rows, K), dtype=torch.uint8, device=x.device)
     s = torch.empty((rows, K // block), dtype=torch.float32, device=x.device)
     if rows:
-        quant_kernel[(rows, triton.cdiv(K // block, quant_blocks(block)))](
-            x, q, s, K, BLOCK=block, NB=quant_blocks(block), FMT_MAX=FMT_MAX[fmt], FNUZ=fmt == "e4m3fnuz", num_warps=4,
+        per = rows_per_program(x.device)
+        quant_kernel[(triton.cdiv(rows, per), triton.cdiv(K // block, quant_blocks(block)))](
+            x, q, s, rows, K, BLOCK=block, NB=quant_blocks(block), ROWS=per, FMT_MAX=FMT_MAX[fmt], FNUZ=fmt == "e4m3fnuz", num_warps=4,
             enable_fp_fusion=FP_FUSION)
     return q.view(FP8_DTYPE[fmt]), s
 
 
 @triton.jit
-def swiglu_quant_kernel(gu_ptr, m_ptr, w_ptr, q_ptr, s_ptr, I, G, limit, CLAMP: tl.constexpr,
-                        BLOCK: tl.constexpr, NB: tl.constexpr, FMT_MAX: tl.constexpr, FNUZ: tl.constexpr):
-    # One program per (sorted row r, NB blocks of I): gu [M, 2I] bf16 (gate | up) -> h = silu(clamp(g,
+def swiglu_quant_kernel(gu_ptr, m_ptr, w_ptr, q_ptr, s_ptr, M, I, G, limit, CLAMP: tl.constexpr,
+                        BLOCK: tl.constexpr, NB: tl.constexpr, ROWS: tl.constexpr, FMT_MAX: tl.constexpr,
+                        FNUZ: tl.constexpr):
+    # One program per (ROWS sorted rows, NB blocks of I): gu [M, 2I] bf16 (gate | up) -> h = silu(clamp(g,
     # max=limit)) * clamp(u, -limit, limit) * w[r] in fp32, rounded to bf16, FP8 block-quantised into
     # q [M, I] bytes and s [M, I / BLOCK]. Rows whose expert m[r] is outside [0, G) (padding) are skipped:
-    # the down GEMM never reads them.
-    row = tl.program_id(0).to(tl.int64)
-    g_id = tl.load(m_ptr + row)
-    if (g_id >= 0) & (g_id < G):
+    # the down GEMM never reads them. ROWS as in quant_kernel.
+    row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    g_id = tl.load(m_ptr + row, mask=row < M, other=-1)
+    live = (g_id >= 0) & (g_id < G)
+    if tl.max(live.to(tl.int32), axis=0) > 0:
         b = tl.program_id(1) * NB + tl.arange(0, NB)
         c = tl.arange(0, BLOCK)
-        ok = b < I // BLOCK
-        col = b[:, None].to(tl.int64) * BLOCK + c[None, :]                  # [NB, BLOCK]
-        gbase = tl.multiple_of(row * 2 * I, BLOCK)                           # I % BLOCK == 0
-        ubase = tl.multiple_of(row * 2 * I + I, BLOCK)
-        g = tl.load(gu_ptr + gbase + col, mask=ok[:, None], other=0.0).to(tl.float32)
-        u = tl.load(gu_ptr + ubase + col, mask=ok[:, None], other=0.0).to(tl.float32)
+        ok = live[:, None, None] & (b < I // BLOCK)[None, :, None]             # [ROWS, NB, 1]
+        col = (b[:, None].to(tl.int64) * BLOCK + c[None, :])[None, :, :]      # [1, NB, BLOCK]
+        gbase = tl.multiple_of(row * 2 * I, BLOCK)[:, None, None]              # I % BLOCK == 0
+        ubase = tl.multiple_of(row * 2 * I + I, BLOCK)[:, None, None]
+        g = tl.load(gu_ptr + gbase + col, mask=ok, other=0.0).to(tl.float32)
+        u = tl.load(gu_ptr + ubase + col, mask=ok, other=0.0).to(tl.float32)
         if CLAMP:   # NaN propagates, as torch.clamp does (the default min/max may return the other operand)
             nan: tl.constexpr = tl.PropagateNan.ALL
             g = tl.minimum(g, limit, propagate_nan=nan)
             u = tl.minimum(tl.maximum(u, -limit, propagate_nan=nan), limit, propagate_nan=nan)
-        h = g / (1.0 + tl.exp(-g)) * u * tl.load(w_ptr + row)
+        w = tl.load(w_ptr + row, mask=live, other=0.0)
+        h = g / (1.0 + tl.exp(-g)) * u * w[:, None, None]
         h = bf16_rne(h).to(tl.float32)
-        q, s = quant_rows(tl.reshape(h, (1, NB, BLOCK)), FMT_MAX, FNUZ)
-        tl.store(q_ptr + tl.multiple_of(row * I, BLOCK) + col, tl.reshape(q, (NB, BLOCK)), mask=ok[:, None])
-        tl.store(s_ptr + row * (I // BLOCK) + b, tl.reshape(s, (NB,)), mask=ok)
+        q, s = quant_rows(h, FMT_MAX, FNUZ)
+        tl.store(q_ptr + tl.multiple_of(row * I, BLOCK)[:, None, None] + col, q, mask=ok)
+        tl.store(s_ptr + row[:, None] * (I // BLOCK) + b[None, :], s, mask=tl.reshape(ok, (ROWS, NB)))
 
 
 def swiglu_quant(gu: torch.Tensor, m_indices: torch.Tensor, row_w: torch.Tensor, G: int, block: int, fmt: str,
@@ -150,7 +161,8 @@ def swiglu_quant(gu: torch.Tensor, m_indices: torch.Tensor, row_w: torch.Tensor,
     q = torch.empty((M, inter), dtype=torch.uint8, device=gu.device)
     s = torch.empty((M, inter // block), dtype=torch.float32, device=gu.device)
     if M:
-        swiglu_quant_kernel[(M, triton.cdiv(inter // block, quant_blocks(block)))](
-            gu, m_indices, row_w, q, s, inter, G, float(swiglu_limit), CLAMP=swiglu_limit > 0, BLOCK=block,
-            NB=quant_blocks(block), FMT_MAX=FMT_MAX[fmt], FNUZ=fmt == "e4m3fnuz", num_warps=4, enable_fp_fusion=FP_FUSION)
+        per = rows_per_program(gu.device)
+        swiglu_quant_kernel[(triton.cdiv(M, per), triton.cdiv(inter // block, quant_blocks(block)))](
+            gu, m_indices, row_w, q, s, M, inter, G, float(swiglu_limit), CLAMP=swiglu_limit > 0, BLOCK=block,
+            NB=quant_blocks(block), ROWS=per, FMT_MAX=FMT_MAX[fmt], FNUZ=fmt == "e4m3fnuz", num_warps=4, enable_fp_fusion=FP_FUSION)
     return q, s
