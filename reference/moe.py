@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from dsv4_kernels.platform import device_info
+
 from .formats import dequantize_fp8_blockwise, dequantize_mxfp4, quantize_fp8_blockwise, quantize_mxfp4
 
 __all__ = ["mxfp4_grouped_gemm", "fp4_grouped_moe", "random_mxfp4_weights"]
@@ -29,7 +31,8 @@ def mxfp4_grouped_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, 
     """Grouped GEMM c[m] = dequant(a[m]) @ dequant(b[m_indices[m]])^T, fp32 accumulation, bf16 result.
 
     Args:
-        a: [M, K] torch.float8_e4m3fn activations (e4m3fnuz is decoded the same way); M may be 0.
+        a: [M, K] torch.float8_e4m3fn or torch.float8_e4m3fnuz activations (the encoding is the dtype's);
+            M may be 0.
         a_scale: [M, K / act_block_size] fp32 power-of-two block scales.
         b: [G, N, K / 2] uint8 packed FP4 weights (low nibble = even k).
         b_scale: [G, N, K / 32] uint8 ue8m0 scales.
@@ -54,16 +57,16 @@ def mxfp4_grouped_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, 
 def fp4_grouped_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                     w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor,
                     act_block_size: int = 128, swiglu_limit: float = 10.0,
-                    expert_map: torch.Tensor | None = None) -> torch.Tensor:
+                    expert_map: torch.Tensor | None = None, act_fmt: str | None = None) -> torch.Tensor:
     """Routed experts of one MoE layer (SPEC 5); the shared expert is not included.
 
     For each expert e and each (token t, slot j) with topk_ids[t, j] == e:
-        xq, sx = FP8 e4m3fn block quant of x[t] (block act_block_size)
+        xq, sx = FP8 block quant of x[t] in act_fmt (block act_block_size)
         g, u   = (dequant(xq) @ W1_e^T, dequant(xq) @ W3_e^T) in fp32, each rounded to bf16
                  (the products are accumulated exactly and rounded once to fp32, see _fp4_gemm)
         u      = clamp(u, -swiglu_limit, swiglu_limit);  g = clamp(g, max=swiglu_limit)
         h      = silu(g) * u * topk_weights[t, j]                      (fp32)
-        y_e    = dequant(FP8 block quant of h.to(bf16)) @ W2_e^T in fp32, rounded to bf16
+        y_e    = dequant(FP8 block quant of h.to(bf16) in act_fmt) @ W2_e^T in fp32, rounded to bf16
     y[t] = sum of its y_e in fp32, cast to bf16.
 
     Args:
@@ -83,6 +86,8 @@ def fp4_grouped_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch
             in [0, E_global), mapped to the local expert expert_map[id]; a local id outside [0, E) (-1:
             the expert lives on another rank) contributes nothing, as does a global id outside
             [0, E_global) (never wrapped). None: the ids are local ids.
+        act_fmt: FP8 encoding of both activation quantisations, "e4m3fn" (max 448) or "e4m3fnuz" (max 240,
+            gfx942); None: the native encoding of x's device (platform.device_info(x).fp8_encoding).
     Returns:
         y: [T, dim] bf16. A token whose ids are all invalid gets 0. A NaN or inf in x[t] makes y[t] all
             NaN if the token has a valid id (NaN in, NaN out).
@@ -90,7 +95,8 @@ def fp4_grouped_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch
     """
     t, dim = x.shape
     n_experts, inter = w13.shape[0], w13.shape[1] // 2
-    xq, sx = quantize_fp8_blockwise(x, act_block_size)
+    fmt = act_fmt if act_fmt is not None else device_info(x).fp8_encoding
+    xq, sx = quantize_fp8_blockwise(x, act_block_size, fmt)
     x_f = dequantize_fp8_blockwise(xq, sx)
     ids = topk_ids.long()
     if expert_map is not None:
@@ -107,7 +113,7 @@ def fp4_grouped_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch
             u = u.clamp(-swiglu_limit, swiglu_limit)
             g = g.clamp(max=swiglu_limit)
         h = torch.nn.functional.silu(g) * u * topk_weights[tok, slot].float().unsqueeze(1)
-        hq, sh = quantize_fp8_blockwise(h.to(torch.bfloat16), act_block_size)
+        hq, sh = quantize_fp8_blockwise(h.to(torch.bfloat16), act_block_size, fmt)
         y_e = _fp4_gemm(dequantize_fp8_blockwise(hq, sh), w2[e], w2_scale[e]).to(torch.bfloat16)
         y.index_add_(0, tok, y_e.float())
     return y.to(torch.bfloat16)

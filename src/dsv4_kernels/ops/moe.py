@@ -1,7 +1,7 @@
 """FP4 grouped MoE ops (SPEC 5, SPEC 7 "FP4 MoE"): `mxfp4_grouped_gemm` (FP8 activations times MXFP4
 expert weights, rows grouped by expert) and `fp4_grouped_moe` (the routed experts of one MoE layer:
-gate/up GEMM, clamped SwiGLU with the routing weight, down GEMM, routed sum). Only the reference
-implementation exists so far.
+gate/up GEMM, clamped SwiGLU with the routing weight, down GEMM, routed sum). Implementations: the
+reference and Triton (kernels/moe/README.md).
 
 Bad values (issue 11). Default path: an id outside its range is invalid and masked on the device (that
 row or slot contributes nothing and reads nothing), never wrapped; NaN in, NaN out (a non-finite
@@ -15,21 +15,22 @@ from dataclasses import dataclass
 
 import torch
 
-from dsv4_kernels import dispatch
-from dsv4_kernels.dispatch import Implementation
+from dsv4_kernels import dispatch, platform
 from dsv4_kernels.ladder import OpCheck, register_check
 from dsv4_kernels.ops import _checks, _values
 from dsv4_kernels.oracles import moe as oracle
 from dsv4_kernels.reference.formats import quantize_fp8_blockwise
 from dsv4_kernels.testing import assert_calc_diff, assert_same_nonfinite, bf16_ulp
 
-__all__ = ["mxfp4_grouped_gemm", "fp4_grouped_moe", "ACT_BLOCK_SIZES", "WEIGHT_BLOCK", "CALC_DIFF_LIMIT",
+__all__ = ["mxfp4_grouped_gemm", "fp4_grouped_moe", "ACT_BLOCK_SIZES", "ACT_FMTS", "WEIGHT_BLOCK", "CALC_DIFF_LIMIT",
            "compare_gemm", "compare_moe", "MODELS", "gemm_inputs", "moe_inputs", "GEMM_LABELS", "MOE_LABELS"]
 
 OP_GEMM = "mxfp4_grouped_gemm"
 OP_MOE = "fp4_grouped_moe"
 ACT_BLOCK_SIZES = (32, 128)   # SPEC 5: DeepGEMM quantises activations per 32, the reference granularity is 128
 WEIGHT_BLOCK = 32             # MXFP4: one ue8m0 scale per 32 weights along K
+ACT_FMTS = ("e4m3fn", "e4m3fnuz")  # SPEC 5 act_fmt: OCP FP8 (max 448), gfx942's FNUZ FP8 (max 240)
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
 
 
 def _act_block(act_block_size) -> int:
@@ -41,7 +42,7 @@ def _act_block(act_block_size) -> int:
 def validate_gemm(a, a_scale, b, b_scale, m_indices, act_block_size) -> None:
     """Metadata checks of mxfp4_grouped_gemm (no tensor value is read: CUDA-graph safe)."""
     block = _act_block(act_block_size)
-    _checks.tensor("a", a, torch.float8_e4m3fn, ndim=2)
+    _checks.tensor("a", a, FP8_DTYPES, ndim=2)
     M, K = a.shape
     if K < 1 or K % block:
         raise ValueError(f"a: expected shape (M, K) with K a positive multiple of act_block_size {block}, "
@@ -60,8 +61,20 @@ def validate_gemm(a, a_scale, b, b_scale, m_indices, act_block_size) -> None:
     _checks.same_device(a=a, a_scale=a_scale, b=b, b_scale=b_scale, m_indices=m_indices)
 
 
+def resolve_act_fmt(act_fmt, x: torch.Tensor) -> str:
+    """act_fmt checked ("e4m3fn", "e4m3fnuz" or None); None gives the native FP8 encoding of x's device
+    (e4m3fnuz on gfx942, e4m3fn elsewhere, the CPU included)."""
+    if act_fmt is None:
+        return platform.device_info(x).fp8_encoding
+    if not isinstance(act_fmt, str):
+        raise ValueError(f"act_fmt: expected one of e4m3fn, e4m3fnuz or None, got {type(act_fmt).__name__} "
+                         f"{act_fmt!r}")
+    _checks.one_of("act_fmt", act_fmt, ACT_FMTS)
+    return act_fmt
+
+
 def validate_moe(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, act_block_size, swiglu_limit,
-                 expert_map=None) -> None:
+                 expert_map=None, act_fmt=None) -> None:
     """Metadata checks of fp4_grouped_moe (no tensor value is read: CUDA-graph safe)."""
     block = _act_block(act_block_size)
     _checks.tensor("x", x, torch.bfloat16, ndim=2)
@@ -92,6 +105,7 @@ def validate_moe(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, act_bl
     _checks.tensor("w2_scale", w2_scale, torch.uint8)
     _checks.shape("w2_scale", w2_scale, (E, dim, inter // WEIGHT_BLOCK))
     _checks.finite_float("swiglu_limit", swiglu_limit, note=" (<= 0 disables the clamp)")
+    resolve_act_fmt(act_fmt, x)
     tensors = dict(x=x, topk_ids=topk_ids, topk_weights=topk_weights, w13=w13, w13_scale=w13_scale, w2=w2,
                    w2_scale=w2_scale)
     if expert_map is not None:
@@ -149,10 +163,12 @@ def moe_rules(topk_ids: torch.Tensor, w13: torch.Tensor,
             _values.InRange("expert_map", expert_map, 0, E, what=f"local experts of w13, E = {E}", allow=(-1,)))
 
 
+# Triton (kernels/moe/README.md): BLOCK_M rows per program (BLOCK_M_PREFILL once the GEMM has more than
+# PREFILL_ROWS rows), BLOCK_N output columns, BLOCK_K reduction step; the CPU interpreter uses larger tiles.
+TRITON_DEFAULTS = {"BLOCK_M": 16, "BLOCK_M_PREFILL": 64, "PREFILL_ROWS": 256, "BLOCK_N": 64, "BLOCK_K": 128,
+                   "num_warps": 4}
 for _op in (OP_GEMM, OP_MOE):
-    dispatch.register(Implementation(
-        _op, "reference", "reference", ("cpu", "cuda", "rocm", "ascend"),
-        entry=f"dsv4_kernels.reference.moe:{_op}", priority=0))
+    dispatch.register_family_op(_op, "moe", triton=TRITON_DEFAULTS)
 
 
 @torch.library.custom_op("dsv4::mxfp4_grouped_gemm", mutates_args=())
@@ -169,13 +185,15 @@ def _(a, a_scale, b, b_scale, m_indices, act_block_size, impl):
 @torch.library.custom_op("dsv4::fp4_grouped_moe", mutates_args=())
 def _fp4_grouped_moe_op(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor,
                         w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor, act_block_size: int,
-                        swiglu_limit: float, expert_map: torch.Tensor | None, impl: str) -> torch.Tensor:
+                        swiglu_limit: float, expert_map: torch.Tensor | None, act_fmt: str,
+                        impl: str) -> torch.Tensor:
     return dispatch.call(OP_MOE, x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, act_block_size,
-                         swiglu_limit, expert_map, impl=impl or None)
+                         swiglu_limit, expert_map, act_fmt, impl=impl or None)
 
 
 @_fp4_grouped_moe_op.register_fake
-def _(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, act_block_size, swiglu_limit, expert_map, impl):
+def _(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, act_block_size, swiglu_limit, expert_map, act_fmt,
+      impl):
     return x.new_empty(x.shape, dtype=torch.bfloat16)
 
 
@@ -186,8 +204,9 @@ def mxfp4_grouped_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, 
     g = m_indices[m], fp32 accumulation, bf16 result (SPEC 5 fp4_gemm, SPEC 7).
 
     Args:
-        a: [M, K] torch.float8_e4m3fn, contiguous: FP8 activations (e.g. quantize_fp8_blockwise(x,
-            act_block_size)). M may be 0. K is a positive multiple of act_block_size (hence of 32).
+        a: [M, K] torch.float8_e4m3fn or torch.float8_e4m3fnuz (gfx942's encoding), contiguous: FP8
+            activations (e.g. quantize_fp8_blockwise(x, act_block_size, fmt)); the bytes are read in the
+            encoding of the dtype. M may be 0. K is a positive multiple of act_block_size (hence of 32).
         a_scale: [M, K / act_block_size] fp32, contiguous: the activations' block scales (powers of two
             from quantize_fp8_blockwise; other positive values are multiplied in as they are).
         b: [G, N, K / 2] uint8, contiguous: MXFP4 weights of G experts (groups), N output rows each, two
@@ -211,7 +230,7 @@ def mxfp4_grouped_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, 
         in checked mode neither.
     Raises:
         ValueError naming the argument, the expected and the actual value for a wrong dtype (a must be
-        e4m3fn: the reference and the SPEC define OCP FP8 activations), rank, shape relation (K / 2,
+        float8_e4m3fn or float8_e4m3fnuz), rank, shape relation (K / 2,
         K / act_block_size, K / 32, [G, N], [M]), act_block_size not in {32, 128}, device or layout;
         in checked mode also for an m_indices value outside [0, G) other than -1, or a group split by
         another group's rows (naming the position).
@@ -224,17 +243,18 @@ def mxfp4_grouped_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, 
 
 def fp4_grouped_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor,
                     w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor, act_block_size: int = 128,
-                    swiglu_limit: float = 10.0, expert_map: torch.Tensor | None = None, *,
-                    impl: str | None = None) -> torch.Tensor:
+                    swiglu_limit: float = 10.0, expert_map: torch.Tensor | None = None,
+                    act_fmt: str | None = None, *, impl: str | None = None) -> torch.Tensor:
     """The routed experts of one MoE layer with FP8 activations and MXFP4 weights (SPEC 5); the shared
     expert is not included.
 
     For each (token t, slot j) whose expert e = topk_ids[t, j] is valid:
-        xq    = FP8 e4m3fn block quantisation of x[t] (block act_block_size along dim)
+        xq    = FP8 block quantisation of x[t] in act_fmt (block act_block_size along dim)
         g, u  = xq @ W1_e^T, xq @ W3_e^T   (fp32 accumulation, each rounded to bf16)
         u     = clamp(u, -swiglu_limit, swiglu_limit);  g = clamp(g, max=swiglu_limit)  (one-sided)
         h     = silu(g) * u * topk_weights[t, j]      (fp32; the weight is applied BEFORE the down GEMM)
-        y_e   = FP8 block quantisation of h.to(bf16) (block act_block_size along I) @ W2_e^T, to bf16
+        y_e   = FP8 block quantisation of h.to(bf16) in act_fmt (block act_block_size along I) @ W2_e^T,
+                to bf16
     y[t] = the sum of its y_e in fp32, cast to bf16.
 
     Args:
@@ -262,6 +282,10 @@ def fp4_grouped_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch
             lives on another rank), or any entry outside [0, E), makes such slots contribute nothing, as
             does a global id outside [0, E_global) (neither wraps around). Checked mode refuses topk_ids
             outside [0, E_global) and map entries outside [0, E), -1 excepted.
+        act_fmt: the FP8 encoding of both activation quantisations: "e4m3fn" (OCP, max 448) or "e4m3fnuz"
+            (gfx942, max 240; the block scale rule then divides by 240). None (default): the native encoding
+            of x's device, e4m3fnuz on gfx942 and e4m3fn elsewhere (CUDA, gfx950, CPU). Either encoding
+            runs on any device (the reference follows the parameter, kernels encode the bytes themselves).
         impl: run this implementation ("reference") or raise; None lets the dispatcher choose.
     Returns:
         y: [T, dim] bf16. A token whose slots are all invalid gets 0 (even if its x holds NaN); T = 0
@@ -271,16 +295,17 @@ def fp4_grouped_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch
     Raises:
         ValueError naming the argument, the expected and the actual value for a wrong dtype, rank, shape
         relation ([T, k] ids and weights, [E, 2I, dim/2], [E, 2I, dim/32], [E, dim, I/2], [E, dim, I/32]),
-        act_block_size not in {32, 128}, a non-finite swiglu_limit, device or layout, an expert_map that is
+        act_block_size not in {32, 128}, act_fmt not in {e4m3fn, e4m3fnuz, None}, a non-finite swiglu_limit, device or layout, an expert_map that is
         not a non-empty 1-d int32 tensor; in checked mode also for a topk_ids value outside [0, E) (or
         [0, E_global)) or an expert_map entry outside [0, E), -1 excepted (naming position and value).
     """
     validate_moe(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, act_block_size, swiglu_limit,
-                 expert_map)
+                 expert_map, act_fmt)
     if _values.enabled():
         _values.check(*moe_rules(topk_ids, w13, expert_map))
     return _fp4_grouped_moe_op(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, int(act_block_size),
-                               float(swiglu_limit), expert_map, _checks.impl_name(impl))
+                               float(swiglu_limit), expert_map, resolve_act_fmt(act_fmt, x),
+                               _checks.impl_name(impl))
 
 
 # Tolerances. Against the reference (kernels, device runs): SPEC 5, calc_diff < 0.01 with one FP4 operand
@@ -349,14 +374,15 @@ def random_weights(n_experts: int, rows: int, k: int, device) -> tuple[torch.Ten
     return packed, scale
 
 
-# Grouped GEMM cases: label -> (K, N, G, m_indices, act_block_size). V4 sizes: the gate/up GEMM has
-# K = dim, N = 2I; the down GEMM K = I, N = dim. Few groups keep the weights small.
+# Grouped GEMM cases: label -> (K, N, G, m_indices, act_block_size, FP8 encoding of a). V4 sizes: the
+# gate/up GEMM has K = dim, N = 2I; the down GEMM K = I, N = dim. Few groups keep the weights small.
 _GEMM_CASES = {
-    "flash-w13-K4096-N4096-M3": (4096, 4096, 2, [0, 0, 1], 128),
-    "flash-w2-K2048-N4096-M1": (2048, 4096, 2, [1], 32),
-    "pro-w2-K3072-N7168-M3-padding": (3072, 7168, 2, [0, -1, -1], 32),
-    "pro-w13-K7168-N6144-M0": (7168, 6144, 2, [], 128),
-    "odd-K96-N63-M7-G3": (96, 63, 3, [0, 0, 2, 2, 2, -1, 3], 32),
+    "flash-w13-K4096-N4096-M3": (4096, 4096, 2, [0, 0, 1], 128, "e4m3fn"),
+    "flash-w2-K2048-N4096-M1": (2048, 4096, 2, [1], 32, "e4m3fn"),
+    "pro-w2-K3072-N7168-M3-padding": (3072, 7168, 2, [0, -1, -1], 32, "e4m3fn"),
+    "pro-w13-K7168-N6144-M0": (7168, 6144, 2, [], 128, "e4m3fn"),
+    "odd-K96-N63-M7-G3": (96, 63, 3, [0, 0, 2, 2, 2, -1, 3], 32, "e4m3fn"),
+    "fnuz-K256-N64-M4-G2": (256, 64, 2, [1, 1, -1, 0], 128, "e4m3fnuz"),
 }
 GEMM_LABELS = tuple(_GEMM_CASES)
 
@@ -364,26 +390,28 @@ GEMM_LABELS = tuple(_GEMM_CASES)
 def gemm_inputs(label: str, device) -> tuple:
     """(a, a_scale, b, b_scale, m_indices, act_block_size) of a grouped GEMM case, on `device`. An id of G
     (one past the last group) joins the -1 padding rows in the odd case."""
-    K, N, G, ids, block = _GEMM_CASES[label]
+    K, N, G, ids, block, fmt = _GEMM_CASES[label]
     x = torch.randn(len(ids), K, device=device) * torch.exp(torch.randn(len(ids), 1, device=device))
-    a, a_scale = quantize_fp8_blockwise(x.to(torch.bfloat16), block)
+    a, a_scale = quantize_fp8_blockwise(x.to(torch.bfloat16), block, fmt)
     b, b_scale = random_weights(G, N, K, device)
     return a, a_scale, b, b_scale, torch.tensor(ids, dtype=torch.int32, device=device), block
 
 
-# MoE cases: label -> (dim, I, E, T, act_block_size, x scale, experts the routing may use). Routing rows
+# MoE cases: label -> (dim, I, E, T, act_block_size, x scale, experts the routing may use, act_fmt). Routing rows
 # mix valid ids, -1 and an id E (invalid too). x scale 40 drives most gate/up values past the clamp. The
 # V4-Pro token touches one of its two experts: decoding a V4-Pro expert costs about a second on a CPU.
 _EP_CASE = "ep-E_global8-local3-dim256-I128-T4"   # expert parallelism: 8 global experts, 3 on this rank
 _MOE_CASES = {
-    "flash-E2-T3-b128": (4096, 2048, 2, 3, 128, 1.0, None),
-    "flash-E2-T0-b32": (4096, 2048, 2, 0, 32, 1.0, None),
-    "pro-E2-T1-b32": (7168, 3072, 2, 1, 32, 1.0, (1,)),
-    "pro-E2-T0-b128": (7168, 3072, 2, 0, 128, 1.0, None),
-    "flash-true-E256-dim256-I128-T3": (256, 128, 256, 3, 128, 1.0, None),
-    "pro-true-E384-dim256-I128-T3": (256, 128, 384, 3, 32, 1.0, None),
-    "odd-dim160-I96-E3-T5-clamp": (160, 96, 3, 5, 32, 40.0, None),
-    _EP_CASE: (256, 128, 3, 4, 32, 1.0, None),
+    "flash-E2-T3-b128": (4096, 2048, 2, 3, 128, 1.0, None, "e4m3fn"),
+    "flash-E2-T0-b32": (4096, 2048, 2, 0, 32, 1.0, None, "e4m3fn"),
+    "pro-E2-T1-b32": (7168, 3072, 2, 1, 32, 1.0, (1,), "e4m3fn"),
+    "pro-E2-T0-b128": (7168, 3072, 2, 0, 128, 1.0, None, "e4m3fn"),
+    "flash-true-E256-dim256-I128-T3": (256, 128, 256, 3, 128, 1.0, None, "e4m3fn"),
+    "pro-true-E384-dim256-I128-T3": (256, 128, 384, 3, 32, 1.0, None, "e4m3fn"),
+    "odd-dim160-I96-E3-T5-clamp": (160, 96, 3, 5, 32, 40.0, None, "e4m3fn"),
+    _EP_CASE: (256, 128, 3, 4, 32, 1.0, None, "e4m3fn"),
+    "fnuz-dim256-I128-E3-T3-b32-clamp": (256, 128, 3, 3, 32, 40.0, None, "e4m3fnuz"),
+    "fnuz-dim256-I128-E2-T2-b128": (256, 128, 2, 2, 128, 1.0, None, "e4m3fnuz"),
 }
 # Global expert -> local expert of the EP case: 1, 4, 6 live here (as 2, 0, 1), the rest elsewhere (-1).
 _EP_MAP = [-1, 2, -1, -1, 0, -1, 1, -1]
@@ -412,9 +440,10 @@ def _routing(T: int, E: int, experts, device) -> tuple[torch.Tensor, torch.Tenso
 
 def moe_inputs(label: str, device) -> tuple:
     """(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, act_block_size, swiglu_limit,
-    expert_map) on `device`; expert_map is None except in the expert-parallel case, whose ids are
-    global (8 experts, an id 8 one past them)."""
-    dim, inter, E, T, block, x_scale, experts = _MOE_CASES[label]
+    expert_map, act_fmt) on `device`; expert_map is None except in the expert-parallel case, whose ids
+    are global (8 experts, an id 8 one past them); act_fmt is given explicitly (the fnuz cases use
+    gfx942's encoding on any device)."""
+    dim, inter, E, T, block, x_scale, experts, fmt = _MOE_CASES[label]
     x = (x_scale * torch.randn(T, dim, device=device)).to(torch.bfloat16)
     expert_map = None
     if label == _EP_CASE:
@@ -424,7 +453,7 @@ def moe_inputs(label: str, device) -> tuple:
         ids, weights = _routing(T, E, experts, device)
     w13, w13_scale = random_weights(E, 2 * inter, dim, device)
     w2, w2_scale = random_weights(E, dim, inter, device)
-    return x, ids, weights, w13, w13_scale, w2, w2_scale, block, 10.0, expert_map
+    return x, ids, weights, w13, w13_scale, w2, w2_scale, block, 10.0, expert_map, fmt
 
 
 def _gemm_cases(device: torch.device) -> list[tuple[str, tuple, dict]]:

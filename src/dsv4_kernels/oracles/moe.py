@@ -52,25 +52,31 @@ def matmul64(packed: torch.Tensor, scale: torch.Tensor, v: torch.Tensor) -> torc
                       for i in range(0, packed.shape[0], 2048)])
 
 
-def fp8_round_trip(v: torch.Tensor, block: int) -> torch.Tensor:
-    """v [K] (exact in bf16) -> fp64 values of its e4m3fn block quantisation, one block at a time."""
+_FMT = {"e4m3fn": (448.0, torch.float8_e4m3fn), "e4m3fnuz": (240.0, torch.float8_e4m3fnuz)}
+
+
+def fp8_round_trip(v: torch.Tensor, block: int, fmt: str = "e4m3fn") -> torch.Tensor:
+    """v [K] (exact in bf16) -> fp64 values of its FP8 block quantisation in fmt ("e4m3fn", max 448, or
+    "e4m3fnuz", max 240), one block at a time."""
+    fmt_max, dtype = _FMT[fmt]
     out = torch.zeros(v.shape[0], dtype=torch.float64)
     for b0 in range(0, v.shape[0], block):
         chunk = v[b0:b0 + block].double()
-        scale = 2.0 ** math.ceil(math.log2(max(chunk.abs().max().item(), 1e-4) / 448.0))
-        out[b0:b0 + block] = (chunk / scale).clamp(-448, 448).float().to(torch.float8_e4m3fn).double() * scale
+        scale = 2.0 ** math.ceil(math.log2(max(chunk.abs().max().item(), 1e-4) / fmt_max))
+        out[b0:b0 + block] = (chunk / scale).clamp(-fmt_max, fmt_max).float().to(dtype).double() * scale
     return out
 
 
 def moe_fp64(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, act_block_size=128,
-             swiglu_limit=10.0, expert_map=None) -> torch.Tensor:
+             swiglu_limit=10.0, expert_map=None, act_fmt=None) -> torch.Tensor:
     """y [T, dim] fp64 of SPEC 5, the final sum left unrounded. The routing loop runs over tokens and
     slots; the GEMMs of one expert are batched over its (token, slot) pairs and accumulated in fp64, then
     rounded to fp32 (an exact fp32 accumulator) and bf16. h is formed in fp32 as SPEC 5 writes it."""
     t_count, dim = x.shape
     n_experts, inter = w13.shape[0], w13.shape[1] // 2
+    fmt = act_fmt or "e4m3fn"  # the oracle runs on the CPU, whose native encoding is e4m3fn
     work = {}  # expert -> [(token, slot)]
-    xq = [fp8_round_trip(x[t], act_block_size) for t in range(t_count)]
+    xq = [fp8_round_trip(x[t], act_block_size, fmt) for t in range(t_count)]
     for t in range(t_count):
         for j in range(topk_ids.shape[1]):
             e = int(topk_ids[t, j])
@@ -89,7 +95,7 @@ def moe_fp64(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, act_block_
                 g = g.clamp(max=swiglu_limit)
                 u = u.clamp(-swiglu_limit, swiglu_limit)
             h = torch.nn.functional.silu(g) * u * topk_weights[t, j].float()
-            hq.append(fp8_round_trip(h.to(torch.bfloat16), act_block_size))
+            hq.append(fp8_round_trip(h.to(torch.bfloat16), act_block_size, fmt))
         ye = matmul64(w2[e], w2_scale[e], torch.stack(hq, dim=1)).float().to(torch.bfloat16).double()
         for p, (t, _) in enumerate(pairs):
             y[t] += ye[:, p]
@@ -97,12 +103,13 @@ def moe_fp64(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, act_block_
 
 
 def mxfp4_grouped_gemm_fp64(a, a_scale, b, b_scale, m_indices, act_block_size=128) -> torch.Tensor:
-    """c [M, N] fp64, unrounded: row m is the decoded FP8 row a[m] (bytes read as e4m3fn, times its fp32
-    block scales) times the decoded expert b[m_indices[m]]^T; rows whose id is outside [0, G) are 0."""
+    """c [M, N] fp64, unrounded: row m is the decoded FP8 row a[m] (bytes read in a's encoding, e4m3fn or
+    e4m3fnuz, times its fp32 block scales) times the decoded expert b[m_indices[m]]^T; rows whose id is outside [0, G) are 0."""
     M, K = a.shape
     G, N = b.shape[0], b.shape[1]
     block = K // a_scale.shape[1]
-    a64 = decode_fp8(a.contiguous().view(torch.uint8)) * a_scale.double().repeat_interleave(block, dim=1)
+    fmt = "e4m3fnuz" if a.dtype == torch.float8_e4m3fnuz else "e4m3fn"
+    a64 = decode_fp8(a.contiguous().view(torch.uint8), fmt) * a_scale.double().repeat_interleave(block, dim=1)
     rows_of: dict[int, list[int]] = {}
     for m, g in enumerate(m_indices.tolist()):
         if 0 <= g < G:
@@ -126,9 +133,9 @@ def mxfp4_grouped_gemm(a, a_scale, b, b_scale, m_indices, act_block_size=128) ->
 
 
 def fp4_grouped_moe(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, act_block_size=128,
-                    swiglu_limit=10.0, expert_map=None) -> torch.Tensor:
+                    swiglu_limit=10.0, expert_map=None, act_fmt=None) -> torch.Tensor:
     """The op's output: y [T, dim] bf16, the fp64 sum of the per-expert bf16 results rounded once
     (through fp32), with the unrounded sum attached as y.oracle_fp64."""
     exact = moe_fp64(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, act_block_size, swiglu_limit,
-                     expert_map)
+                     expert_map, act_fmt)
     return _with_fp64(exact)

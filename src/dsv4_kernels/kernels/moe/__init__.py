@@ -1,0 +1,59 @@
+"""FP4 grouped MoE kernels (SPEC 5): triton.py (grouped GEMM and the op), triton_route.py (permutation,
+combine), triton_quant.py (FP8 quantisation, SwiGLU + requantisation). This module holds what needs no
+toolchain: the `supports_*` guards the dispatcher asks before a launch. README.md has the design.
+
+Which path serves which chip: one portable path everywhere. FP4 weights and FP8 activations are
+decoded to bf16 in registers (exactly) and multiplied on the bf16 tensor cores with fp32 accumulation:
+sm_90a (Hopper has no FP4 tensor cores), sm_100a, gfx942 (e4m3fnuz activations) and gfx950. The native
+MXFP4 scaled-dot path of sm_100a and gfx950 is not built yet: those chips run the portable path.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["PATHS", "supports_mxfp4_grouped_gemm", "supports_fp4_grouped_moe"]
+
+# target -> the path that serves it (README.md)
+PATHS = {"sm_90a": "bf16-dequant", "sm_100a": "bf16-dequant", "gfx942": "bf16-dequant", "gfx950": "bf16-dequant"}
+_INT32 = 2 ** 31
+
+
+def _contiguous(**tensors) -> str | None:
+    for name, t in tensors.items():
+        if t is not None and not t.is_contiguous():
+            return f"{name} must be contiguous"
+    return None
+
+
+def supports_mxfp4_grouped_gemm(a, a_scale, b, b_scale, m_indices, act_block_size=128) -> str | None:
+    """Built for: a float8_e4m3fn or float8_e4m3fnuz [M, K] (any M, K a multiple of 32 and of the block),
+    act_block_size 32 or 128, any G and N; every operand contiguous; activation and output offsets below
+    2^31 elements (weight offsets are 64-bit)."""
+    if a.dtype not in (torch.float8_e4m3fn, torch.float8_e4m3fnuz):
+        return f"a must be float8_e4m3fn or float8_e4m3fnuz, got {a.dtype}"
+    if act_block_size not in (32, 128):
+        return f"built for act_block_size 32 or 128, got {act_block_size}"
+    if a.shape[1] % 32:
+        return f"built for K a multiple of 32, got K = {a.shape[1]}"
+    if a.numel() >= _INT32 or a.shape[0] * b.shape[1] >= _INT32:
+        return f"built for M * K and M * N below 2^31, got M = {a.shape[0]}, K = {a.shape[1]}, N = {b.shape[1]}"
+    return _contiguous(a=a, a_scale=a_scale, b=b, b_scale=b_scale, m_indices=m_indices)
+
+
+def supports_fp4_grouped_moe(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, act_block_size=128,
+                             swiglu_limit=10.0, expert_map=None, act_fmt=None) -> str | None:
+    """Built for: bf16 x [T, dim], top-k up to 16, up to 1024 local experts, act_block_size 32 or 128,
+    either FP8 encoding, T * k * max(2I, dim) below 2^31; every operand contiguous."""
+    T, k = topk_ids.shape
+    if x.dtype != torch.bfloat16:
+        return f"x must be bf16, got {x.dtype}"
+    if act_block_size not in (32, 128):
+        return f"built for act_block_size 32 or 128, got {act_block_size}"
+    if k > 16:
+        return f"built for top-k up to 16 (6 in V4), got k = {k}"
+    if w13.shape[0] > 1024:
+        return f"built for up to 1024 local experts (256 V4-Flash, 384 V4-Pro), got E = {w13.shape[0]}"
+    if T * k * max(w13.shape[1], x.shape[1]) >= _INT32:
+        return f"built for T * k * max(2I, dim) below 2^31, got T = {T}, k = {k}"
+    return _contiguous(x=x, topk_ids=topk_ids, topk_weights=topk_weights, w13=w13, w13_scale=w13_scale, w2=w2,
+                       w2_scale=w2_scale, expert_map=expert_map)
