@@ -17,7 +17,7 @@ import torch
 
 from dsv4_kernels import dispatch, platform
 from dsv4_kernels.ladder import OpCheck, register_check
-from dsv4_kernels.ops import _checks, _values
+from dsv4_kernels.ops import _checks, _library, _values
 from dsv4_kernels.oracles import moe as oracle
 from dsv4_kernels.reference.formats import quantize_fp8_blockwise
 from dsv4_kernels.testing import assert_calc_diff, assert_same_nonfinite, bf16_ulp
@@ -171,7 +171,7 @@ for _op in (OP_GEMM, OP_MOE):
     dispatch.register_family_op(_op, "moe", triton=TRITON_DEFAULTS)
 
 
-@torch.library.custom_op("dsv4::mxfp4_grouped_gemm", mutates_args=())
+@_library.custom_op("dsv4::mxfp4_grouped_gemm", mutates_args=())
 def _mxfp4_grouped_gemm_op(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
                            m_indices: torch.Tensor, act_block_size: int, impl: str) -> torch.Tensor:
     return dispatch.call(OP_GEMM, a, a_scale, b, b_scale, m_indices, act_block_size, impl=impl or None)
@@ -182,7 +182,7 @@ def _(a, a_scale, b, b_scale, m_indices, act_block_size, impl):
     return a.new_empty((a.shape[0], b.shape[1]), dtype=torch.bfloat16)
 
 
-@torch.library.custom_op("dsv4::fp4_grouped_moe", mutates_args=())
+@_library.custom_op("dsv4::fp4_grouped_moe", mutates_args=())
 def _fp4_grouped_moe_op(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor,
                         w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor, act_block_size: int,
                         swiglu_limit: float, expert_map: torch.Tensor | None, act_fmt: str,
