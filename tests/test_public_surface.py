@@ -117,3 +117,15 @@ def test_distinct_names_the_second_occurrence(monkeypatch):
     monkeypatch.setenv(_values.ENV, "1")
     with pytest.raises(ValueError, match=r"got 2 at position \(3,\)"):
         _values.check(_values.Distinct("slots", torch.tensor([2, 5, 7, 2, 5])))
+
+
+def test_the_ladder_leaves_cases_too_large_for_the_interpreter_to_the_device(monkeypatch):
+    """A kernel's CPU numerics run through the interpreter only on sample cases of at most
+    INTERPRETER_CASE_BYTES of inputs; the others are named as left to the device, never silently dropped."""
+    monkeypatch.setattr(ladder, "INTERPRETER_CASE_BYTES", -1)
+    with pytest.raises(LookupError, match="ran no sample case: .* too large for the interpreter"):
+        ladder.run_cases("sigmoid_gate", "triton", torch.device("cpu"))
+    monkeypatch.setattr(ladder, "INTERPRETER_CASE_BYTES", 60000)   # pro-3x7168 has 86016 bytes
+    summary = ladder.run_cases("sigmoid_gate", "triton", torch.device("cpu"))
+    assert "cases match" in summary and "left to the device (too large for the interpreter)" in summary
+    assert "too large" not in ladder.run_cases("sigmoid_gate", "reference", torch.device("cpu"))

@@ -95,11 +95,16 @@ def run_cases(op: str, impl_name: str, device: torch.device) -> str:
     check = get_check(op)
     impl = dispatch.get(op, impl_name)
     torch.manual_seed(0)
-    labels, refused = [], []
+    labels, refused, heavy = [], [], []
+    interpreted = impl.language != "reference" and device.type == "cpu"
     for label, args, kwargs in check.cases(device):
         reason = impl.supports(*args, **kwargs)
         if reason:
             refused.append(f"{label} ({reason})")
+            continue
+        size = _input_bytes(args, kwargs)
+        if interpreted and size > INTERPRETER_CASE_BYTES:
+            heavy.append(f"{label} ({size / 2**20:.0f} MiB of inputs)")
             continue
         cpu_args, cpu_kwargs = _copy_to_cpu(args), _copy_to_cpu(kwargs)  # before an in-place op runs
         out = _outputs(dispatch.call(op, *args, impl=impl_name, **kwargs))
@@ -115,10 +120,20 @@ def run_cases(op: str, impl_name: str, device: torch.device) -> str:
             except AssertionError as exc:
                 raise AssertionError(f"case {label}, output {i}: {exc}") from None
         labels.append(label)
-    if refused and not labels:
-        raise LookupError(f"{impl_name} refuses every sample case: {'; '.join(refused)}")
+    if (refused or heavy) and not labels:
+        raise LookupError(f"{impl_name} ran no sample case: refused {'; '.join(refused) or 'none'}; too large for "
+                          f"the interpreter {'; '.join(heavy) or 'none'}")
     summary = f"{len(labels)} cases match: {', '.join(labels)}"
+    if heavy:
+        summary += f"; left to the device (too large for the interpreter): {'; '.join(heavy)}"
     return summary + (f"; refused by supports(): {'; '.join(refused)}" if refused else "")
+
+
+INTERPRETER_CASE_BYTES = 8 * 2**20   # a sample case with more input bytes is not run through the interpreter
+
+
+def _input_bytes(args: tuple, kwargs: dict) -> int:
+    return sum(a.numel() * a.element_size() for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
 
 
 def _selected(ops: tuple[str, ...] | None) -> list[str]:
