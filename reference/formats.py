@@ -215,10 +215,14 @@ def dequantize_mxfp4(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def _kv_page_views(pages: torch.Tensor, block_size: int):
-    """Views of a cache [num_pages, block_size * 584]: data [P, bs, 576] and scales [P, bs, 8]."""
+    """Views of a cache [num_pages, >= block_size * 584] (uint8, or a float8_e4m3fn view of the bytes; the
+    page stride may exceed the row: a slice of a wider buffer): data [P, bs, 576] and scales [P, bs, 8].
+    Bytes past block_size * 584 in a page (FlashMLA's padding) are not part of either view."""
     p = pages.shape[0]
+    if pages.dtype != torch.uint8:
+        pages = pages.view(torch.uint8)
     data = pages[:, : block_size * _KV_DATA_BYTES].view(p, block_size, _KV_DATA_BYTES)
-    scales = pages[:, block_size * _KV_DATA_BYTES:].view(p, block_size, _KV_SCALE_BYTES)
+    scales = pages[:, block_size * _KV_DATA_BYTES: block_size * KV_TOKEN_BYTES].view(p, block_size, _KV_SCALE_BYTES)
     return data, scales
 
 
@@ -277,7 +281,9 @@ def gather_kv_cache_fp8(pages: torch.Tensor, idx: torch.Tensor, block_size: int 
     """Dequantise the cache rows at flat slot ids.
 
     Args:
-        pages: [num_pages, block_size * 584] uint8 in the SPEC 1.2 layout.
+        pages: [num_pages, page_bytes] uint8 (or a float8_e4m3fn view of the bytes) in the SPEC 1.2 layout,
+            page_bytes >= block_size * 584 and any page stride (a padded page, or a slice of a wider
+            buffer); only the first block_size * 584 bytes of a page are read.
         idx: int tensor of any shape; slot n is page n // block_size, row n % block_size. Entries < 0 or
             >= num_pages * block_size give zero rows and read nothing (never wrapped around); callers mask
             invalid indices themselves.

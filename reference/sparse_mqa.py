@@ -27,6 +27,7 @@ def _attend_chunk(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, valid: t
                   sink: torch.Tensor, scale: float):
     """One chunk of tokens: q [t, H, D], idx/valid [t, K] -> (out fp32 [t, H, D], lse fp32 [t, H])."""
     rows = kv[torch.where(valid, idx, 0)].float()                          # [t, K, D]
+    rows = torch.where(valid[..., None], rows, 0.0)   # an invalid entry reads no row: 0 * NaN must not leak
     s = scale * torch.matmul(q.float(), rows.transpose(1, 2))              # [t, H, K]
     s = s.masked_fill(~valid[:, None, :], float("-inf"))
     m = s.amax(dim=-1, keepdim=True)                                       # [t, H, 1], -inf if row empty
@@ -91,29 +92,46 @@ def sparse_mqa(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, attn_si
 
 def sparse_mqa_fp8(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tensor, attn_sink: torch.Tensor,
                    softmax_scale: float | None = None, topk_length: torch.Tensor | None = None,
-                   block_size: int = 64):
-    """Sparse MQA over the paged FP8 KV cache (SPEC 1.2): sparse_mqa on the dequantised cache.
+                   block_size: int = 64, extra_kv_cache: torch.Tensor | None = None,
+                   extra_indices: torch.Tensor | None = None, extra_topk_length: torch.Tensor | None = None):
+    """Sparse MQA over the paged FP8 KV cache (SPEC 1.2), optionally over a second cache (SPEC 1.3):
+    sparse_mqa on the dequantised cache(s).
 
     Args:
         q: [T, H, 512] bf16 queries.
-        kv_cache: [P, block_size * 584] uint8 pages in the SPEC 1.2 layout (see
-            dsv4_kernels.reference.formats). Token index n lives in page n // block_size, slot
-            n % block_size.
+        kv_cache: [P, page_bytes] uint8 (or a float8_e4m3fn view of the same bytes) pages in the SPEC
+            1.2 layout (see dsv4_kernels.reference.formats), page_bytes >= block_size * 584 and any page
+            stride (FlashMLA pads pages to 37440 bytes at block 64); bytes past block_size * 584 of a
+            page are never read. Token index n lives in page n // block_size, slot n % block_size.
         indices: [T, K] int32 token indices into the cache. The valid range is 0 <= n < P * block_size:
             every slot of every page counts as a row, including slots of the last page that were never
             written (their content is whatever bytes the page holds). Entries outside it are invalid.
         attn_sink, softmax_scale, topk_length: as in sparse_mqa.
-        block_size: tokens per page.
+        block_size: tokens per page (of both caches).
+        extra_kv_cache, extra_indices [T, K2] int32, extra_topk_length [T] int32 or None: the second
+            cache and its index list (SPEC 1.3), same rules as the first. None: one cache.
     Returns:
-        (out [T, H, 512] bf16, lse [T, H] fp32), bit-identical to
-        sparse_mqa(q, dequantize_kv_cache_fp8(kv_cache, P * block_size, block_size), ...), including the
-        empty-row (out 0, lse +inf) and T = 0 cases.
+        (out [T, H, 512] bf16, lse [T, H] fp32), bit-identical to sparse_mqa on the dequantised rows with
+        both lists as one (list 1, then list 2 renumbered past the first cache's rows, entries past their
+        list's topk_length as -1): one softmax, one sink and one lse over the union of the valid entries;
+        including the empty-row (out 0, lse +inf) and T = 0 cases.
     """
-    # Dequantise only the rows the indices name (a real cache holds far more): the distinct valid indices
-    # become a small pool, and the index list is renumbered into it. Same rows, same math, same bits.
-    valid = (indices >= 0) & (indices < kv_cache.shape[0] * block_size)
-    used = torch.unique(indices[valid])                             # sorted distinct valid indices
-    kv = gather_kv_cache_fp8(kv_cache, used, block_size)            # [distinct, 512]
-    position = torch.searchsorted(used, torch.where(valid, indices, 0).to(used.dtype))
-    pool_indices = torch.where(valid, position, -1).to(torch.int32)
-    return sparse_mqa(q, kv, pool_indices, attn_sink, softmax_scale, topk_length)
+    # Dequantise only the rows the indices use (a real cache holds far more): the distinct valid indices
+    # of each list become a small pool (first cache's rows, then the second's), and the lists are
+    # renumbered into it. Same rows, same math, same bits as one pool of every row.
+    lists = [(kv_cache, indices, topk_length)]
+    if extra_kv_cache is not None:
+        lists.append((extra_kv_cache, extra_indices, extra_topk_length))
+    pools, renumbered, offset = [], [], 0
+    for cache, idx, length in lists:
+        valid = (idx >= 0) & (idx < cache.shape[0] * block_size)
+        if length is not None:
+            valid &= torch.arange(idx.shape[1], device=idx.device)[None, :] < length[:, None].long()
+        used = torch.unique(idx[valid])                             # sorted distinct used indices
+        pools.append(gather_kv_cache_fp8(cache, used, block_size))  # [distinct, 512]
+        position = torch.searchsorted(used, torch.where(valid, idx, 0).to(used.dtype))
+        renumbered.append(torch.where(valid, position + offset, -1))
+        offset += used.numel()
+    kv = torch.cat(pools)
+    pool_indices = torch.cat(renumbered, dim=1).to(torch.int32)
+    return sparse_mqa(q, kv, pool_indices, attn_sink, softmax_scale)

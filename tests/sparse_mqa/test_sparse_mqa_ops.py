@@ -139,10 +139,10 @@ def test_fp8_any_shape(impl, device, seed, T, N, K, block_size, lengths):
     check_outputs(impl, device, out, lse, reference_fp8(*args))
 
 
-@pytest.mark.parametrize("op", ["sparse_mqa", "sparse_mqa_fp8"])
-def test_ladder_cases_pass(op):
+@pytest.mark.parametrize("op, labels", [("sparse_mqa", ops.CASE_LABELS), ("sparse_mqa_fp8", ops.FP8_CASE_LABELS)])
+def test_ladder_cases_pass(op, labels):
     summary = ladder.run_cases(op, "reference", torch.device("cpu"))
-    assert summary.startswith(f"{len(ops.CASE_LABELS)} cases match")
+    assert summary.startswith(f"{len(labels)} cases match")
 
 
 def test_ladder_cases_shapes():
@@ -151,8 +151,13 @@ def test_ladder_cases_shapes():
     assert shapes["pro-decode-H128-K1152"] == ((1, 128, D), (1, 128 + 1024))
     assert shapes["tp8-odd-H8-K100"] == ((5, 8, D), (5, 100))
     assert shapes["zero-tokens"][0][0] == 0
-    for label, args, _ in ops._fp8_cases(torch.device("cpu")):
-        assert args[1].dtype == torch.uint8 and args[1].shape[1] == args[6] * 584, label
+    for label, args, kwargs in ops._fp8_cases(torch.device("cpu")):
+        assert args[1].dtype in (torch.uint8, torch.float8_e4m3fn) and args[1].shape[1] >= args[6] * 584, label
+        if label == "two-cache-H64":
+            assert args[1].shape[1] == ops.FLASHMLA_PAGE_BYTES and args[1].dtype == torch.float8_e4m3fn
+            assert kwargs["extra_kv_cache"].stride(0) == ops.FLASHMLA_PAGE_BYTES
+        if label == "padded-pages-H16":
+            assert args[1].stride(0) == ops.FLASHMLA_PAGE_BYTES and args[1].shape[1] == 64 * 584
 
 
 # The reference (fp32, out rounded once) against the unrounded fp64 oracle: out within half a bf16 ulp
@@ -266,10 +271,17 @@ BF16_RULES = COMMON_RULES + [
     ("kv", lambda a: a["kv"].to("meta"), "kv: expected device cpu (the device of q), got meta"),
 ]
 FP8_RULES = COMMON_RULES + [
-    ("kv_cache", lambda a: a["kv_cache"].view(torch.int8), "kv_cache: expected dtype torch.uint8, got torch.int8"),
+    ("kv_cache", lambda a: a["kv_cache"].view(torch.int8),
+     "kv_cache: expected dtype torch.uint8 or torch.float8_e4m3fn, got torch.int8"),
+    ("kv_cache", lambda a: a["kv_cache"].view(torch.float8_e4m3fnuz),
+     "kv_cache: expected dtype torch.uint8 or torch.float8_e4m3fn, got torch.float8_e4m3fnuz"),
     ("kv_cache", lambda a: a["kv_cache"].flatten(), "kv_cache: expected 2 dimensions, got 1"),
-    ("kv_cache", lambda a: torch.zeros(1, 64 * 584, dtype=torch.uint8), "kv_cache: expected shape (*, 9344), got (1, 37376)"),
-    ("kv_cache", lambda a: noncontiguous(a["kv_cache"]), "kv_cache: expected a contiguous tensor"),
+    ("kv_cache", lambda a: a["kv_cache"][:, :9343],
+     "kv_cache: expected shape (*, >= 9344) (pages of at least block_size 16 * 584 bytes), got (2, 9343)"),
+    ("kv_cache", lambda a: noncontiguous(a["kv_cache"]),
+     "kv_cache: expected the bytes of a page to be contiguous (stride 1 in dim 1), got strides (18688, 2)"),
+    ("kv_cache", lambda a: a["kv_cache"].view(-1)[:2 * 9344 - 100].as_strided((2, 9344), (9244, 1)),
+     "kv_cache: expected a page stride >= the page width 9344 (pages must not overlap), got strides (9244, 1)"),
     ("kv_cache", lambda a: a["kv_cache"].to("meta"), "kv_cache: expected device cpu (the device of q), got meta"),
     ("block_size", lambda a: 0, "block_size: expected an int >= 1, got 0"),
     ("block_size", lambda a: -16, "block_size: expected an int >= 1, got -16"),
@@ -425,7 +437,12 @@ def test_torch_library_ops_are_complete():
         torch.library.opcheck(torch.ops.dsv4.sparse_mqa.default, (q, kv, indices, sink, *optionals, "reference"),
                               test_utils=("test_schema", "test_faketensor"))
         torch.library.opcheck(torch.ops.dsv4.sparse_mqa_fp8.default,
-                              (q, cache, indices, sink, *optionals, 16, "reference"),
+                              (q, cache, indices, sink, *optionals, 16, None, None, None, "reference"),
+                              test_utils=("test_schema", "test_faketensor"))
+        torch.library.opcheck(torch.ops.dsv4.sparse_mqa_fp8.default,
+                              (q, ops.padded_pages(cache, 9600, slice_view=True), indices, sink, *optionals, 16,
+                               cache, indices[:, :7].contiguous(), optionals[1],
+                               "reference"),
                               test_utils=("test_schema", "test_faketensor"))
 
 
@@ -435,7 +452,9 @@ def test_torch_compile_traces_without_graph_breaks():
     def layer(q, kv, cache, indices, sink, lengths):
         out, lse = ops.sparse_mqa(q, kv, indices, sink, topk_length=lengths, impl="reference")
         out8, lse8 = ops.sparse_mqa_fp8(q, cache, indices, sink, 0.04, lengths, 16, impl="reference")
-        return out.float() + out8.float(), lse - lse8
+        two, lse2 = ops.sparse_mqa_fp8(q, cache, indices, sink, 0.04, lengths, 16, cache[:, :16 * 584], indices,
+                                       lengths, impl="reference")
+        return out.float() + out8.float() + two.float(), lse - lse8 + lse2
 
     q, kv, indices, sink, _, lengths = random_inputs(2, 16, 50, 40, lengths=True)
     cache = quantize_kv_cache_fp8(kv, 16)

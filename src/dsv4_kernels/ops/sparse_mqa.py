@@ -66,13 +66,52 @@ def validate(q, kv, indices, attn_sink, softmax_scale=None, topk_length=None) ->
     _checks.same_device(**tensors, kv=kv)
 
 
-def validate_fp8(q, kv_cache, indices, attn_sink, softmax_scale=None, topk_length=None, block_size=64) -> None:
+KV_CACHE_DTYPES = (torch.uint8, torch.float8_e4m3fn)
+
+
+def _kv_cache(name: str, cache, block_size: int) -> None:
+    """A SPEC 1.2 cache [P, page_bytes]: uint8 or a float8_e4m3fn view of the bytes, page_bytes >=
+    block_size * 584, the bytes of a page contiguous, any page stride >= page_bytes (a padded page or a
+    slice of a wider buffer, never copied)."""
+    _checks.tensor(name, cache, KV_CACHE_DTYPES, ndim=2, contiguous=False)
+    row = block_size * KV_TOKEN_BYTES
+    pages, width = cache.shape
+    if width < row:
+        raise ValueError(f"{name}: expected shape (*, >= {row}) (pages of at least block_size {block_size} * 584 "
+                         f"bytes), got {tuple(cache.shape)}")
+    if cache.stride(1) != 1:
+        raise ValueError(f"{name}: expected the bytes of a page to be contiguous (stride 1 in dim 1), got strides "
+                         f"{cache.stride()} for shape {tuple(cache.shape)}")
+    if pages > 1 and cache.stride(0) < width:
+        raise ValueError(f"{name}: expected a page stride >= the page width {width} (pages must not overlap), got "
+                         f"strides {cache.stride()} for shape {tuple(cache.shape)}")
+
+
+def validate_fp8(q, kv_cache, indices, attn_sink, softmax_scale=None, topk_length=None, block_size=64,
+                 extra_kv_cache=None, extra_indices=None, extra_topk_length=None) -> None:
     """Metadata checks of sparse_mqa_fp8 (no tensor value is read)."""
     tensors = _common(q, indices, attn_sink, softmax_scale, topk_length)
     _checks.integer("block_size", block_size, minimum=1)
-    _checks.tensor("kv_cache", kv_cache, torch.uint8, ndim=2)
-    _checks.shape("kv_cache", kv_cache, (None, block_size * KV_TOKEN_BYTES))
-    _checks.same_device(**tensors, kv_cache=kv_cache)
+    _kv_cache("kv_cache", kv_cache, block_size)
+    tensors["kv_cache"] = kv_cache
+    if extra_kv_cache is None:
+        for name, value in (("extra_indices", extra_indices), ("extra_topk_length", extra_topk_length)):
+            if value is not None:
+                raise ValueError(f"{name}: expected None when extra_kv_cache is None (the second list indexes "
+                                 f"the second cache, SPEC 1.3), got a {type(value).__name__}")
+    else:
+        if extra_indices is None:
+            raise ValueError("extra_indices: expected an int32 tensor [T, K2] of indices into extra_kv_cache when "
+                             "extra_kv_cache is given (SPEC 1.3), got None")
+        _kv_cache("extra_kv_cache", extra_kv_cache, block_size)
+        _checks.tensor("extra_indices", extra_indices, torch.int32, ndim=2)
+        _checks.shape("extra_indices", extra_indices, (q.shape[0], None))
+        tensors.update(extra_kv_cache=extra_kv_cache, extra_indices=extra_indices)
+        if extra_topk_length is not None:
+            _checks.tensor("extra_topk_length", extra_topk_length, torch.int32, ndim=1)
+            _checks.shape("extra_topk_length", extra_topk_length, (q.shape[0],))
+            tensors["extra_topk_length"] = extra_topk_length
+    _checks.same_device(**tensors)
 
 
 def index_rules(indices: torch.Tensor, topk_length: torch.Tensor | None, num_rows: int, rows: str,
@@ -120,14 +159,16 @@ def _(q, kv, indices, attn_sink, softmax_scale, topk_length, impl):
 @torch.library.custom_op("dsv4::sparse_mqa_fp8", mutates_args=())
 def _sparse_mqa_fp8_op(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tensor, attn_sink: torch.Tensor,
                        softmax_scale: float | None, topk_length: torch.Tensor | None, block_size: int,
-                       impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+                       extra_kv_cache: torch.Tensor | None, extra_indices: torch.Tensor | None,
+                       extra_topk_length: torch.Tensor | None, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
     out, lse = dispatch.call(OP_FP8, q, kv_cache, indices, attn_sink, softmax_scale, topk_length, block_size,
-                             impl=impl or None)
+                             extra_kv_cache, extra_indices, extra_topk_length, impl=impl or None)
     return out, lse
 
 
 @_sparse_mqa_fp8_op.register_fake
-def _(q, kv_cache, indices, attn_sink, softmax_scale, topk_length, block_size, impl):
+def _(q, kv_cache, indices, attn_sink, softmax_scale, topk_length, block_size, extra_kv_cache, extra_indices,
+      extra_topk_length, impl):
     T, H, D = q.shape
     return q.new_empty((T, H, D), dtype=torch.bfloat16), q.new_empty((T, H), dtype=torch.float32)
 
@@ -182,17 +223,23 @@ def sparse_mqa(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, attn_si
 
 def sparse_mqa_fp8(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tensor, attn_sink: torch.Tensor,
                    softmax_scale: float | None = None, topk_length: torch.Tensor | None = None,
-                   block_size: int = 64, *, impl: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sparse MQA over the paged FP8 KV cache (SPEC 1.2): sparse_mqa on the dequantised cache.
+                   block_size: int = 64, extra_kv_cache: torch.Tensor | None = None,
+                   extra_indices: torch.Tensor | None = None, extra_topk_length: torch.Tensor | None = None, *,
+                   impl: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse MQA over the paged FP8 KV cache (SPEC 1.2), optionally over two caches in place (SPEC 1.3):
+    sparse_mqa on the dequantised cache(s).
 
     Args:
         q: [T, H, 512] bf16, as in sparse_mqa (H a multiple of 8 from 8 to 128; T = 0 allowed).
-        kv_cache: [P, block_size * 584] uint8, contiguous, on q's device, in the SPEC 1.2 page layout:
-            the first block_size * 576 bytes of a page hold [448 e4m3fn nope values | 64 bf16 rope values]
-            per token, then block_size * 8 bytes of [7 ue8m0 scales | 1 pad] per token. The bytes are OCP
-            e4m3fn on every device (a gfx942 kernel must decode them as e4m3fn, not e4m3fnuz). Build it
-            with dsv4_kernels.reference.formats.quantize_kv_cache_fp8 / store_kv_cache_fp8. P = 0 is
-            allowed.
+        kv_cache: [P, page_bytes] uint8, or a float8_e4m3fn view of the same bytes, on q's device, in the
+            SPEC 1.2 page layout: the first block_size * 576 bytes of a page hold [448 e4m3fn nope values |
+            64 bf16 rope values] per token, then block_size * 8 bytes of [7 ue8m0 scales | 1 pad] per
+            token. page_bytes >= block_size * 584; the bytes of a page are contiguous (stride 1) and the
+            page stride is any value >= page_bytes, so an engine's padded pages are taken as they are,
+            without a copy: FlashMLA's [P, 37440] pages at block 64, or the view [:, :37376] of them.
+            Bytes past block_size * 584 of a page are never read. The bytes are OCP e4m3fn on every
+            device (a gfx942 kernel must decode them as e4m3fn, not e4m3fnuz). Build it with
+            dsv4_kernels.reference.formats.quantize_kv_cache_fp8 / store_kv_cache_fp8. P = 0 is allowed.
         indices: [T, K] int32 token indices into the cache: token n is page n // block_size, slot
             n % block_size. Valid range 0 <= n < P * block_size: every slot of every page is a row,
             including slots never written (they dequantise to whatever their bytes hold; zero bytes give a
@@ -200,21 +247,39 @@ def sparse_mqa_fp8(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tenso
             nothing (negative values never wrap around); checked mode refuses used ones other than -1, as
             in sparse_mqa. K = 0 is accepted.
         attn_sink, softmax_scale, topk_length, impl: as in sparse_mqa.
-        block_size: tokens per page, a positive int (64 in V4).
+        block_size: tokens per page (of both caches), a positive int (64 in V4).
+        extra_kv_cache: None, or a second cache with the same layout rules and block_size (SPEC 1.3: an
+            engine's sliding-window cache and compressed cache, each read where it lives).
+        extra_indices: [T, K2] int32 into extra_kv_cache (valid range 0 <= n < P2 * block_size, the same
+            invalid-entry rules); required when extra_kv_cache is given, None otherwise. K2 = 0 is accepted.
+        extra_topk_length: None or [T] int32: row t uses only its first extra_topk_length[t] entries of
+            extra_indices (clamped to [0, K2]); only with extra_kv_cache.
     Returns:
         (out [T, H, 512] bf16, lse [T, H] fp32), equal to sparse_mqa applied to
         dequantize_kv_cache_fp8(kv_cache, P * block_size, block_size), including the empty-row
-        (out 0, lse +inf) and T = 0 cases.
+        (out 0, lse +inf) and T = 0 cases. With two caches: one softmax, one sink and one lse over the
+        union of both lists' valid entries, as if both caches were one pool (the second's rows after the
+        first's) and both lists one list; a row is empty when neither list has a valid entry.
     Raises:
-        ValueError as sparse_mqa, and for a block_size that is not a positive int or a kv_cache whose row
-        length is not block_size * 584 bytes.
+        ValueError as sparse_mqa; for a block_size that is not a positive int; a cache that is not uint8 or
+        float8_e4m3fn, has pages shorter than block_size * 584 bytes, a page dimension that is not
+        contiguous or overlapping pages; extra_indices without extra_kv_cache or the reverse, or
+        extra_topk_length without them; extra_indices / extra_topk_length whose T is not q's. Checked
+        mode also refuses bad extra_indices / extra_topk_length values, naming them.
     """
-    validate_fp8(q, kv_cache, indices, attn_sink, softmax_scale, topk_length, block_size)
+    validate_fp8(q, kv_cache, indices, attn_sink, softmax_scale, topk_length, block_size, extra_kv_cache,
+                 extra_indices, extra_topk_length)
     if _values.enabled():  # the message names symbolic sizes under torch.compile: build it only when used
-        _values.check(*index_rules(indices, topk_length, kv_cache.shape[0] * block_size,
-                                   f"slots of kv_cache, {kv_cache.shape[0]} pages * block_size {block_size}"))
+        rules = index_rules(indices, topk_length, kv_cache.shape[0] * block_size,
+                            f"slots of kv_cache, {kv_cache.shape[0]} pages * block_size {block_size}")
+        if extra_kv_cache is not None:
+            rules += index_rules(extra_indices, extra_topk_length, extra_kv_cache.shape[0] * block_size,
+                                 f"slots of extra_kv_cache, {extra_kv_cache.shape[0]} pages * block_size "
+                                 f"{block_size}", name="extra_indices", length_name="extra_topk_length")
+        _values.check(*rules)
     scale = None if softmax_scale is None else float(softmax_scale)
-    return _sparse_mqa_fp8_op(q, kv_cache, indices, attn_sink, scale, topk_length, int(block_size), _checks.impl_name(impl))
+    return _sparse_mqa_fp8_op(q, kv_cache, indices, attn_sink, scale, topk_length, int(block_size), extra_kv_cache,
+                              extra_indices, extra_topk_length, _checks.impl_name(impl))
 
 
 def _pool_case(gen, heads, positions, capacity, topk, compact):
@@ -274,7 +339,13 @@ FP8_BLOCK_SIZE = {"tp8-odd-H8-K100": 16}
 
 
 def _to(device, *xs):
-    return tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in xs)
+    """Tensors onto `device`, keeping a strided view's strides (a padded-page cache stays a view there)."""
+    def move(x):
+        if not isinstance(x, torch.Tensor) or x.device == torch.device(device) or x.is_contiguous():
+            return x.to(device) if isinstance(x, torch.Tensor) else x
+        y = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=device)
+        return y.copy_(x)
+    return tuple(move(x) for x in xs)
 
 
 def _cases(device: torch.device) -> list[tuple[str, tuple, dict]]:
@@ -294,8 +365,59 @@ def fp8_inputs(label: str):
     return q, cache, indices, sink, scale, lengths, block_size
 
 
+FLASHMLA_PAGE_BYTES = 37440   # FlashMLA's page at block 64: 64 * 584 rounded up to a multiple of 576
+
+
+def padded_pages(cache: torch.Tensor, page_bytes: int = FLASHMLA_PAGE_BYTES, slice_view: bool = False,
+                 fp8_view: bool = False) -> torch.Tensor:
+    """The same cache in an engine's padded allocation: [P, page_bytes] pages whose bytes past the SPEC
+    1.2 row are 0xA5 (never read), or (slice_view) the [P, block_size * 584] strided view of them, and
+    (fp8_view) as float8_e4m3fn. No copy is made of the result by the op."""
+    P, row = cache.shape
+    buffer = torch.full((P, page_bytes), 0xA5, dtype=torch.uint8, device=cache.device)
+    buffer[:, :row] = cache
+    out = buffer[:, :row] if slice_view else buffer
+    return out.view(torch.float8_e4m3fn) if fp8_view else out
+
+
+def _two_cache_inputs():
+    """V4-Flash decode of 3 sequences read where they live (SPEC 1.3): a sliding-window cache (a 128-slot
+    ring per sequence, FlashMLA-padded pages, float8 view) and a compressed cache (the [:, :37376] view of
+    padded pages), extra_topk_length per row; one row with a short window, one whose window list is all -1."""
+    gen = torch.Generator().manual_seed(1403)
+    T, H, capacity, picks = 3, 64, 150, 100
+    positions = torch.tensor([700, 40, 2000])
+    ring = torch.arange(WINDOW)[None, :]
+    window = torch.where(ring <= positions[:, None], torch.arange(T)[:, None] * WINDOW + ring, -1)
+    window[2, :] = -1                                              # the third row: compressed entries only
+    comp = torch.stack([torch.randperm(capacity, generator=gen)[:picks] for _ in range(T)])
+    comp = comp + torch.arange(T)[:, None] * capacity
+    comp[0, 5] = comp[0, 6]                                        # a duplicate
+    comp[1, 7] = T * capacity + 3                                  # past the compressed cache: invalid
+    lengths = torch.tensor([picks, 61, picks], dtype=torch.int32)
+    q = torch.randn(T, H, HEAD_DIM, generator=gen).to(torch.bfloat16)
+    window_kv = torch.randn(T * WINDOW, HEAD_DIM, generator=gen).to(torch.bfloat16)
+    comp_kv = torch.randn(T * capacity, HEAD_DIM, generator=gen).to(torch.bfloat16)
+    sink = torch.randn(H, generator=gen)
+    window_cache = padded_pages(quantize_kv_cache_fp8(window_kv, 64), fp8_view=True)
+    comp_cache = padded_pages(quantize_kv_cache_fp8(comp_kv, 64), slice_view=True)
+    args = (q, window_cache, window.to(torch.int32).contiguous(), sink, None, None, 64)
+    kwargs = {"extra_kv_cache": comp_cache, "extra_indices": comp.to(torch.int32).contiguous(),
+              "extra_topk_length": lengths}
+    return args, kwargs
+
+
+FP8_CASE_LABELS = CASE_LABELS + ("two-cache-H64", "padded-pages-H16")
+
+
 def _fp8_cases(device: torch.device) -> list[tuple[str, tuple, dict]]:
-    return [(label, _to(device, *fp8_inputs(label)), {}) for label in CASE_LABELS]
+    cases = [(label, _to(device, *fp8_inputs(label)), {}) for label in CASE_LABELS]
+    args, kwargs = _two_cache_inputs()
+    cases.append(("two-cache-H64", _to(device, *args), dict(zip(kwargs, _to(device, *kwargs.values())))))
+    q, cache, indices, sink, scale, lengths, block_size = fp8_inputs("prefill-H16-hca")
+    cases.append(("padded-pages-H16", _to(device, q, padded_pages(cache, slice_view=True), indices, sink, scale,
+                                           lengths, block_size), {}))
+    return cases
 
 
 # SPEC 6 attention tolerances (FlashMLA's test practice), valid for realistic data (logits of order 1):

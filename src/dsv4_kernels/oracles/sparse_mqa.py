@@ -74,8 +74,10 @@ def _bf16_from_bytes(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
 
 
 def decode_kv_cache_fp8(kv_cache: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Every slot of a SPEC 1.2 cache [P, block_size * 584] uint8 as fp64 rows [P * block_size, 512]."""
-    pages = kv_cache.cpu().long()
+    """Every slot of a SPEC 1.2 cache [P, >= block_size * 584] (uint8 or a float8_e4m3fn view of the bytes,
+    any page stride) as fp64 rows [P * block_size, 512]; bytes past block_size * 584 of a page are unread."""
+    pages = kv_cache.cpu()
+    pages = (pages if pages.dtype == torch.uint8 else pages.view(torch.uint8)).long()
     rows = []
     for page in range(pages.shape[0]):
         for slot in range(block_size):
@@ -93,14 +95,38 @@ def decode_kv_cache_fp8(kv_cache: torch.Tensor, block_size: int) -> torch.Tensor
     return torch.stack(rows)
 
 
-def sparse_mqa_fp8_fp64(q, kv_cache, indices, attn_sink, softmax_scale=None, topk_length=None, block_size=64):
-    """SPEC 1.2 in fp64: the fp64 oracle on the decoded cache, every slot of every page a row."""
+def _used(indices, topk_length, num_rows, offset):
+    """Row t's usable entries of one list as Python lists, shifted by `offset`; -1 for the others."""
+    rows = []
+    for t, entries in enumerate(indices.tolist()):
+        if topk_length is not None:
+            entries = entries[:max(0, int(topk_length[t]))]
+        rows.append([j + offset if 0 <= j < num_rows else -1 for j in entries])
+    return rows
+
+
+def sparse_mqa_fp8_fp64(q, kv_cache, indices, attn_sink, softmax_scale=None, topk_length=None, block_size=64,
+                        extra_kv_cache=None, extra_indices=None, extra_topk_length=None):
+    """SPEC 1.2 / 1.3 in fp64: the fp64 oracle on the decoded cache, every slot of every page a row; with
+    a second cache its decoded rows follow the first's and its usable entries follow the first list's."""
     kv = decode_kv_cache_fp8(kv_cache, block_size)
-    return sparse_mqa_fp64(q.cpu(), kv, indices.cpu(), attn_sink.cpu(), softmax_scale,
-                           None if topk_length is None else topk_length.cpu())
+    if extra_kv_cache is None:
+        return sparse_mqa_fp64(q.cpu(), kv, indices.cpu(), attn_sink.cpu(), softmax_scale,
+                               None if topk_length is None else topk_length.cpu())
+    kv2 = decode_kv_cache_fp8(extra_kv_cache, block_size)
+    first = _used(indices.cpu(), None if topk_length is None else topk_length.cpu(), kv.shape[0], 0)
+    second = _used(extra_indices.cpu(), None if extra_topk_length is None else extra_topk_length.cpu(),
+                   kv2.shape[0], kv.shape[0])
+    width = indices.shape[1] + extra_indices.shape[1]
+    merged = torch.full((indices.shape[0], width), -1, dtype=torch.int64)
+    for t, (a, b) in enumerate(zip(first, second)):
+        merged[t, :len(a) + len(b)] = torch.tensor(a + b, dtype=torch.int64)
+    return sparse_mqa_fp64(q.cpu(), torch.cat((kv, kv2)), merged, attn_sink.cpu(), softmax_scale)
 
 
-def sparse_mqa_fp8(q, kv_cache, indices, attn_sink, softmax_scale=None, topk_length=None, block_size=64):
+def sparse_mqa_fp8(q, kv_cache, indices, attn_sink, softmax_scale=None, topk_length=None, block_size=64,
+                   extra_kv_cache=None, extra_indices=None, extra_topk_length=None):
     """The FP8 oracle with the op's output dtypes: (out bf16, lse fp32)."""
-    out, lse = sparse_mqa_fp8_fp64(q, kv_cache, indices, attn_sink, softmax_scale, topk_length, block_size)
+    out, lse = sparse_mqa_fp8_fp64(q, kv_cache, indices, attn_sink, softmax_scale, topk_length, block_size,
+                                   extra_kv_cache, extra_indices, extra_topk_length)
     return out.to(torch.bfloat16), lse.float()
