@@ -82,14 +82,14 @@ def test_split_plans_agree(monkeypatch, programs, max_splits):
 
 
 def test_prefill_tokens_take_one_split():
-    T, H, N = 20, 8, 161
+    T, H, N = 10, 8, 161
     from dsv4_kernels.kernels.sparse_mqa.triton import plan
     cfg = dispatch.config(dispatch.get("sparse_mqa", "triton"), dispatch.platform.CPU)
     assert plan(T, H, 5, cfg, torch.device("cpu"))[2] == 1
     gen = torch.Generator().manual_seed(5)
     q = torch.randn(T, H, D, generator=gen).to(torch.bfloat16)
     kv = torch.randn(N, D, generator=gen).to(torch.bfloat16)
-    indices = ops.build_sparse_indices(torch.arange(140, 140 + T), 128)       # HCA prefill chunk: K = 129
+    indices = ops.build_sparse_indices(torch.arange(150, 150 + T), 128)       # HCA prefill chunk: K = 129
     sink = torch.randn(H, generator=gen)
     out, lse = ops.sparse_mqa(q, kv, indices, sink, impl="triton")
     _check(out, lse, reference(q, kv, indices, sink))
@@ -149,7 +149,7 @@ def test_zero_tokens_and_empty_lists():
     assert torch.all(out == 0) and torch.all(lse == INF)
 
 
-@settings(max_examples=8)
+@settings(max_examples=5)
 @given(seed=st.integers(0, 2 ** 31 - 1), T=st.integers(0, 2), H=st.sampled_from([8, 40]), K1=st.integers(0, 70),
        K2=st.integers(0, 70), lengths=st.booleans(), block_size=st.sampled_from([1, 16, 64]))
 def test_two_caches_any_shape(seed, T, H, K1, K2, lengths, block_size):

@@ -69,6 +69,9 @@ def check_outputs(impl, device, out, lse, expected):
 @pytest.mark.op("sparse_mqa")
 @pytest.mark.parametrize("label", LABELS)
 def test_matches_reference(impl, device, label):
+    if impl == "triton" and device.type == "cpu" and label == "pro-decode-H128-K1152":
+        pytest.skip("interpreter time: sparse_mqa_fp8 runs this V4-Pro shape through the same kernel, and "
+                    "tests/sparse_mqa/test_sparse_mqa_kernels.py runs the bf16 pool at H = 128")
     args = inputs(label)
     out, lse = ops.sparse_mqa(*_to(device, args), impl=impl)
     check_outputs(impl, device, out, lse, reference(*args))
