@@ -210,3 +210,16 @@ def test_full_grid_spans_decode_and_long_prefill():
     assert {1, 256, 65536} <= mhc_tokens
     assert {16384} <= {c.tokens for c in cases if c.op == "sparse_mqa" and c.phase == "prefill"}
     assert {c.shape["K"] for c in cases if c.op == "sparse_mqa" and c.phase == "decode"} == {144, 640, 1152}
+
+
+def test_sparse_mqa_two_cache_decode_holds_the_same_entries():
+    """V4-Pro CSA decode over two FP8 caches (SPEC 1.3): the window and compressed lists renumbered into
+    their own caches hold the counted valid entries, every one inside its cache."""
+    case = next(c for c in family_cases("sparse_mqa", CPU) if c.label == "pro-decode-csa-ctx2048-two-cache-B4")
+    assert case.op == "sparse_mqa_fp8" and case.shape["K"] == 1152
+    (q, ring, window, sink), kwargs = case.make_inputs(torch.device("cpu"))
+    comp, extra = kwargs["extra_indices"], kwargs["extra_kv_cache"]
+    n1, n2 = ring.shape[0] * 64, extra.shape[0] * 64
+    assert window.shape == (4, 128) and comp.shape == (4, 1024)
+    assert bool(((window >= -1) & (window < n1)).all()) and bool(((comp >= -1) & (comp < n2)).all())
+    assert int((window >= 0).sum() + (comp >= 0).sum()) == case.shape["valid"]

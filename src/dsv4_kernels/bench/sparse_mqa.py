@@ -6,6 +6,8 @@ part (CSA: the indexer's picks spread over min(context // 4, 2 * index_topk) ent
 than index_topk are visible; HCA: every visible entry). Prefill: one sequence from position 0, query i
 uses rows max(0, i - 127)..i and the compressed entries visible after i + 1 tokens (CSA picks spread
 over them, at most index_topk). Both models, CSA and HCA index lengths from `dsv4_kernels.shapes`.
+V4-Pro CSA decode over the FP8 cache also runs in the engines' two-cache form (SPEC 1.3, variant
+"-two-cache"): the same entries, the rings in one cache and the compressed entries in another.
 
 Byte model (one call): q and out (bf16), lse (fp32), the whole index list (int32), attn_sink, and one
 KV row per valid index entry: 1024 bytes bf16, 584 bytes in the FP8 cache (448 e4m3 + 64 bf16 + 8
@@ -91,9 +93,34 @@ def prefill_indices(tokens: int, model: ModelConfig, kind: str, device, gen) -> 
     return torch.cat([window, comp], dim=1).to(torch.int32).contiguous(), tokens + tokens // ratio
 
 
-def _make_inputs(model: ModelConfig, phase: str, kind: str, tokens: int, context: int, fp8: bool, seed: int):
+def split_caches(indices: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The decode layout of decode_indices as an engine keeps it (SPEC 1.3): (window indices [B, 128] into
+    a cache of B * 128 ring rows, compressed indices [B, K - 128] into a cache of B * pool rows, pool).
+    The same entries, renumbered per cache; -1 stays -1."""
+    batch = indices.shape[0]
+    per_seq = rows // max(batch, 1)
+    pool = per_seq - WINDOW
+    seq = torch.arange(batch, device=indices.device, dtype=torch.int32)[:, None]
+    window, comp = indices[:, :WINDOW], indices[:, WINDOW:]
+    window = torch.where(window >= 0, window - seq * (per_seq - WINDOW), window)
+    comp = torch.where(comp >= 0, comp - seq * WINDOW - WINDOW, comp)
+    return window.contiguous(), comp.contiguous(), pool
+
+
+def _make_inputs(model: ModelConfig, phase: str, kind: str, tokens: int, context: int, fp8: bool, seed: int,
+                 two_cache: bool = False):
     def make(device: torch.device):
         gen = generator(device, seed)
+        if phase == "decode" and two_cache:
+            indices, rows = decode_indices(tokens, model, kind, context, device, gen)
+            window, comp, pool = split_caches(indices, rows)
+            q = torch.randn(tokens, model.heads, HEAD_DIM, generator=gen, device=device, dtype=torch.bfloat16)
+            ring = torch.randn(tokens * WINDOW, HEAD_DIM, generator=gen, device=device, dtype=torch.bfloat16)
+            entries = torch.randn(tokens * pool, HEAD_DIM, generator=gen, device=device, dtype=torch.bfloat16)
+            sink = torch.randn(model.heads, generator=gen, device=device)
+            return ((q, quantize_kv_cache_fp8(ring, FP8_BLOCK), window, sink),
+                    {"block_size": FP8_BLOCK, "extra_kv_cache": quantize_kv_cache_fp8(entries, FP8_BLOCK),
+                     "extra_indices": comp})
         if phase == "decode":
             indices, rows = decode_indices(tokens, model, kind, context, device, gen)
         else:
@@ -108,12 +135,13 @@ def _make_inputs(model: ModelConfig, phase: str, kind: str, tokens: int, context
     return make
 
 
-def _case(op: str, model: ModelConfig, phase: str, kind: str, tokens: int, context: int) -> Case:
+def _case(op: str, model: ModelConfig, phase: str, kind: str, tokens: int, context: int,
+          two_cache: bool = False) -> Case:
     fp8 = op == "sparse_mqa_fp8"
     if phase == "decode":
         idx = decode_index_shape(model, kind, context)
         width, valid = idx.width, tokens * idx.valid
-        variant = f"{kind}-ctx{context}"
+        variant = f"{kind}-ctx{context}" + ("-two-cache" if two_cache else "")
         label = f"{model.name}-decode-{variant}-B{tokens}"
     else:
         width, valid = prefill_index_width(model, kind, tokens), prefill_valid_entries(model, kind, tokens)
@@ -125,7 +153,7 @@ def _case(op: str, model: ModelConfig, phase: str, kind: str, tokens: int, conte
     return Case(op, FAMILY, label, model.name, phase, tokens, variant, shape,
                 bytes=sparse_mqa_bytes(tokens, model.heads, width, valid, row_bytes),
                 flops=sparse_mqa_flops(model.heads, valid), compute="bf16",
-                make_inputs=_make_inputs(model, phase, kind, tokens, context, fp8, seed_of(op, label)))
+                make_inputs=_make_inputs(model, phase, kind, tokens, context, fp8, seed_of(op, label), two_cache))
 
 
 def cases(grid: Grid) -> list[Case]:
@@ -135,5 +163,8 @@ def cases(grid: Grid) -> list[Case]:
             for kind in KINDS:
                 for context in grid.contexts:
                     out += [_case(op, model, "decode", kind, b, context) for b in grid.decode_batches]
+                    if op == "sparse_mqa_fp8" and model.name == "pro" and kind == "csa":   # the issue's target
+                        out += [_case(op, model, "decode", kind, b, context, two_cache=True)
+                                for b in grid.decode_batches]
                 out += [_case(op, model, "prefill", kind, t, t) for t in grid.attention_prefill_tokens]
     return out
