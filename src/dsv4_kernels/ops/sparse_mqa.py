@@ -136,9 +136,11 @@ def index_rules(indices: torch.Tensor, topk_length: torch.Tensor | None, num_row
 # Triton (kernels/sparse_mqa/README.md): H_BLOCK heads x BLOCK_N entries per step, the index list split
 # over enough programs to fill the device (PROGRAMS, 0 = two per multiprocessor), at most MAX_SPLITS;
 # the merge folds MERGE_H heads per program. 32 x 16 at 8 warps is the largest tile that compiles without
-# spills for both ops on sm_90a, sm_100a, gfx942 and gfx950 (a 64-head block spills on sm_90a).
-TRITON_DEFAULTS = {"H_BLOCK": 32, "BLOCK_N": 16, "PROGRAMS": 0, "MAX_SPLITS": 32, "MERGE_H": 16, "MERGE_WARPS": 4,
-                   "num_warps": 8, "num_stages": 2}
+# spills for both ops on sm_90a, sm_100a, gfx942 and gfx950 (a 64-head block spills on sm_90a). Under the
+# Triton interpreter the same code runs with INTERPRET_BLOCK_N entries per step (fewer, larger numpy steps:
+# the interpreter's cost is per step, not per element).
+TRITON_DEFAULTS = {"H_BLOCK": 32, "BLOCK_N": 16, "INTERPRET_BLOCK_N": 64, "PROGRAMS": 0, "MAX_SPLITS": 32,
+                   "MERGE_H": 16, "MERGE_WARPS": 4, "num_warps": 8, "num_stages": 2}
 dispatch.register_family_op(OP, "sparse_mqa", triton=TRITON_DEFAULTS)
 dispatch.register_family_op(OP_FP8, "sparse_mqa", triton=TRITON_DEFAULTS)
 

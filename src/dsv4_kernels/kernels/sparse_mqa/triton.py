@@ -211,7 +211,8 @@ def _launch(op, q, cache, indices, attn_sink, softmax_scale, topk_length, rows, 
     if T == 0:
         return out, lse
     cfg = dispatch.config(dispatch.get(op, "triton"), platform.device_info(q))
-    BN = cfg["BLOCK_N"]
+    upcast = toolchains.interpreter_active()
+    BN = cfg["INTERPRET_BLOCK_N"] if upcast else cfg["BLOCK_N"]
     K1 = indices.shape[1]
     two = cache2 is not None
     K2 = indices2.shape[1] if two else 0
@@ -226,7 +227,7 @@ def _launch(op, q, cache, indices, attn_sink, softmax_scale, topk_length, rows, 
         topk_length2 if topk_length2 is not None else indices, attn_sink, out, lse, ws,
         H, K1, K2, rows, rows2, stride, stride2, block_size, scale, blocks1, per_split, blocks, splits,
         D=D, H_BLOCK=h_block, BLOCK_N=BN, FP8=fp8, TWO=two, HAS_LEN=topk_length is not None,
-        HAS_LEN2=topk_length2 is not None, SPLIT=splits > 1, UPCAST=toolchains.interpreter_active(),
+        HAS_LEN2=topk_length2 is not None, SPLIT=splits > 1, UPCAST=upcast,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION)
     if splits > 1:
         mh = cfg["MERGE_H"]
