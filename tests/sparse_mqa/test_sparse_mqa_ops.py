@@ -66,12 +66,27 @@ def check_outputs(impl, device, out, lse, expected):
         ops.compare(lse.cpu(), expected[1])
 
 
+# Interpreter time (CI budget): labels whose Triton run repeats what another test of the same kernel
+# already runs through the interpreter, with where it is covered.
+INTERPRETER_COVERED = {
+    ("sparse_mqa", "pro-decode-H128-K1152"): "sparse_mqa_fp8 runs this V4-Pro shape through the same kernel, "
+                                             "test_sparse_mqa_kernels.py the bf16 pool at H = 128",
+    ("sparse_mqa", "prefill-H16-hca"): "sparse_mqa_fp8 runs it; test_sparse_mqa_kernels.py has an HCA prefill chunk",
+    ("sparse_mqa_fp8", "H120-odd-T7-K63"): "sparse_mqa runs it through the same kernel (the FP8 path is "
+                                           "head-count agnostic; H = 24 and 128 run in test_sparse_mqa_kernels.py)",
+}
+
+
+def _skip_covered(op, impl, device, label):
+    reason = INTERPRETER_COVERED.get((op, label))
+    if impl == "triton" and device.type == "cpu" and reason:
+        pytest.skip(f"interpreter time: {reason}")
+
+
 @pytest.mark.op("sparse_mqa")
 @pytest.mark.parametrize("label", LABELS)
 def test_matches_reference(impl, device, label):
-    if impl == "triton" and device.type == "cpu" and label == "pro-decode-H128-K1152":
-        pytest.skip("interpreter time: sparse_mqa_fp8 runs this V4-Pro shape through the same kernel, and "
-                    "tests/sparse_mqa/test_sparse_mqa_kernels.py runs the bf16 pool at H = 128")
+    _skip_covered("sparse_mqa", impl, device, label)
     args = inputs(label)
     out, lse = ops.sparse_mqa(*_to(device, args), impl=impl)
     check_outputs(impl, device, out, lse, reference(*args))
@@ -80,6 +95,7 @@ def test_matches_reference(impl, device, label):
 @pytest.mark.op("sparse_mqa_fp8")
 @pytest.mark.parametrize("label", LABELS)
 def test_fp8_matches_reference(impl, device, label):
+    _skip_covered("sparse_mqa_fp8", impl, device, label)
     args = fp8_inputs(label)
     out, lse = ops.sparse_mqa_fp8(*_to(device, args), impl=impl)
     check_outputs(impl, device, out, lse, reference_fp8(*args))
