@@ -1,6 +1,8 @@
-"""Sparse MQA (SPEC 1, 1.2): `sparse_mqa` on a bf16 KV pool and `sparse_mqa_fp8` on the paged FP8 KV
-cache. Also re-exports the SPEC 1.1 index builders (`build_sparse_indices` and its parts, validated in
-ops/indices.py): plain functions that callers run before the op, not ops themselves.
+"""Sparse MQA (SPEC 1, 1.2, 1.3): `sparse_mqa` on a bf16 KV pool and `sparse_mqa_fp8` on the paged FP8 KV
+cache (one cache, or two read in place; padded pages). Implementations: the PyTorch reference and one
+Triton source for both ops, decode and prefill (kernels/sparse_mqa/README.md). Also re-exports the
+SPEC 1.1 index builders (`build_sparse_indices` and its parts, validated in ops/indices.py): plain
+functions that callers run before the op, not ops themselves.
 
 Bad values (issue 11). Default path: an index outside [0, N) is invalid and contributes nothing (never
 wrapped around: -2 is as empty as -1), a topk_length outside [0, K] is clamped to it; nothing is read
