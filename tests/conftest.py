@@ -14,8 +14,14 @@ NaN-poisoned memory, so outputs a kernel never wrote show. A run in which every 
 """
 from __future__ import annotations
 
-import dataclasses
 import os
+
+# The Triton interpreter's matmuls go through numpy's BLAS; with OpenBLAS's default one thread per core on
+# top of pytest and the compiler subprocesses, the 2-core CI machine oversubscribes (sparse MQA's kernel
+# tests ran 4-5x slower). Set before numpy is imported; an explicit setting is kept.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import dataclasses  # noqa: E402
 import random
 import zlib
 

@@ -16,7 +16,7 @@ import torch
 
 from dsv4_kernels import dispatch
 from dsv4_kernels.ladder import OpCheck, register_check
-from dsv4_kernels.ops import _checks, _values
+from dsv4_kernels.ops import _checks, _library, _values
 from dsv4_kernels.oracles import sparse_mqa as oracle
 from dsv4_kernels.reference.formats import KV_TOKEN_BYTES, quantize_kv_cache_fp8
 from dsv4_kernels.ops.indices import (WINDOW, build_sparse_indices, compact_indices, compressed_indices,
@@ -147,7 +147,7 @@ dispatch.register_family_op(OP, "sparse_mqa", triton=TRITON_DEFAULTS)
 dispatch.register_family_op(OP_FP8, "sparse_mqa", triton=TRITON_DEFAULTS)
 
 
-@torch.library.custom_op("dsv4::sparse_mqa", mutates_args=())
+@_library.custom_op("dsv4::sparse_mqa", mutates_args=())
 def _sparse_mqa_op(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, attn_sink: torch.Tensor,
                    softmax_scale: float | None, topk_length: torch.Tensor | None,
                    impl: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,7 +161,7 @@ def _(q, kv, indices, attn_sink, softmax_scale, topk_length, impl):
     return q.new_empty((T, H, D), dtype=torch.bfloat16), q.new_empty((T, H), dtype=torch.float32)
 
 
-@torch.library.custom_op("dsv4::sparse_mqa_fp8", mutates_args=())
+@_library.custom_op("dsv4::sparse_mqa_fp8", mutates_args=())
 def _sparse_mqa_fp8_op(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tensor, attn_sink: torch.Tensor,
                        softmax_scale: float | None, topk_length: torch.Tensor | None, block_size: int,
                        extra_kv_cache: torch.Tensor | None, extra_indices: torch.Tensor | None,
