@@ -331,3 +331,9 @@ def codegen_compressor_decode(target) -> list:
     return [TileLangKernel(make_decode_kernel(ratio, d, fused, cache, True, cfg["threads"], cfg["CHUNK"]),
                            label=f"r{ratio}-d{d}" + ("-fp8-cache" if cache else "-fp32"))
             for ratio, d, fused, cache in CODEGEN_FORMS]
+
+
+# The prefill (both public forms) lives in tilelang_prefill.py; the dispatcher finds every TileLang entry here.
+from dsv4_kernels.kernels.compressor.tilelang_prefill import (  # noqa: E402, F401
+    codegen_compressor_prefill, codegen_compressor_prefill_batched, compressor_prefill, compressor_prefill_batched,
+    supports_compressor_prefill, supports_compressor_prefill_batched)
