@@ -24,6 +24,7 @@ from dsv4_kernels.codegen import Artifact  # noqa: E402
 from dsv4_kernels.kernels.compressor import tilelang_prefill as tp  # noqa: E402
 from dsv4_kernels.ops import compressor as ops  # noqa: E402
 from dsv4_kernels.reference import compressor as ref  # noqa: E402
+from dsv4_kernels.reference.formats import store_kv_cache_fp8  # noqa: E402
 from dsv4_kernels.reference.transforms import rope_tables  # noqa: E402
 
 OPS = ("compressor_prefill_batched", "compressor_prefill")
@@ -221,6 +222,18 @@ def _check_cache(got, want):
     assert ((g.view(torch.int16) == w.view(torch.int16)) | (g.isnan() & w.isnan())).all(), "rope bytes differ"
 
 
+def _check_fused(got, want, cache, cache_before, cache_slots, rows):
+    """bf16 entries (the rows that hold one) within two bf16 ulps of the reference above a 2^-10 floor: at
+    V4 scale (128-row pools, 64K tokens) the pooling order differs from the reference's, and a channel that
+    cancels to ~1e-6 differs by more than two ulps of itself (seen in the CPU shim run); the cache bytes
+    equal the reference store of the kernel's own entries, bit for bit."""
+    got, want = got.cpu(), want.cpu()
+    torch.testing.assert_close(got[rows].float(), want[rows].float(), rtol=2**-7, atol=2**-10)
+    expected = cache_before.clone()
+    store_kv_cache_fp8(expected, cache_slots[rows], got[rows], block_size=BLOCK)
+    _check_cache(cache.cpu(), expected)
+
+
 FORMS = [(4, 512, "fp8-cache"), (128, 512, "fp8-cache"), (4, 128, "fp32"), (128, 128, "fp32")]
 
 
@@ -246,14 +259,16 @@ def test_device_single_prefill_64k_tokens(device, ratio, d, form):
     score = (2.0 * torch.randn(seq, coff * d, generator=gen)).to(dtype)
     ape = 0.5 * torch.randn(ratio, coff * d, generator=gen)
     extra = _fused_args(d, seq // ratio, gen, form == "fp8-cache") if form != "fp32" else []
-    dev = [a.to(device) if isinstance(a, torch.Tensor) else a for a in [kv, score, ape, ratio] + extra]
+    dev = [a.clone().to(device) if isinstance(a, torch.Tensor) else a for a in [kv, score, ape, ratio] + extra]
+    cache_before = extra[3].clone() if extra else None
     got = ops.compressor_prefill(*dev, impl="tilelang")
     want = ref.compressor_prefill(kv.float(), score.float(), ape, ratio, *extra)
-    ladder.get_check("compressor_prefill_batched").compare(got[0].cpu(), want[0])
     for g, w in zip(got[1:], want[1:]):
         assert torch.equal(_bits(g.cpu()), _bits(w)), "state differs from the reference"
     if form == "fp8-cache":
-        _check_cache(dev[7].cpu(), extra[3])
+        _check_fused(got[0], want[0], dev[7], cache_before, extra[5], torch.ones(seq // ratio, dtype=torch.bool))
+    else:
+        ladder.get_check("compressor_prefill_batched").compare(got[0].cpu(), want[0])
 
 
 @pytest.mark.parametrize("ratio, d, form", FORMS)
@@ -292,9 +307,10 @@ def test_device_ragged_batch_of_64_chunks(device, ratio, d, form):
     host[0], host[1] = kv.float(), score.float()
     want = ref.compressor_prefill_batched(*host)
     assert torch.equal(got[1].cpu(), want[1]) and want[1].sum() > 100
-    ladder.get_check("compressor_prefill_batched").compare(got[0].cpu(), want[0])
     assert not got[0].cpu()[~want[1]].any(), "rows that complete no entry must stay zero"
     for g, w in ((dev[5], host[5]), (dev[6], host[6])):
         assert torch.equal(_bits(g.cpu()), _bits(w)), "state differs from the reference"
     if form == "fp8-cache":
-        _check_cache(dev[11].cpu(), host[11])
+        _check_fused(got[0], want[0], dev[12], args[12], args[14], want[1])
+    else:
+        ladder.get_check("compressor_prefill_batched").compare(got[0].cpu(), want[0])
