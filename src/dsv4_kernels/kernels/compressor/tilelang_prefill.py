@@ -50,9 +50,10 @@ def make_prefill_kernel(ratio: int, d: int, in_dtype: str, cu_dtype: str, fused:
                         has_starts: bool, has_slots: bool, threads: int, chunk: int, block_size: int = 64):
     """compressor_prefill(_batched) for one form (see the module docstring).
 
-    Arguments: KV, SC [N, coff*d] in_dtype (fp32 or bf16); APE [r, coff*d] fp32; CU [B + 1] cu_dtype;
-    START, SLOT [B] int64 (read only when given); KVS, SCS [slots, coff*r, coff*d] fp32, updated in place;
-    ENT [rows, d] fp32 (bf16 fused): [N, d] batched, [N // r, d] COMPACT; EMIT [N] uint8 (batched);
+    Arguments (the wrapper passes [.., coff, d] views of the [.., coff*d] rows): KV, SC [N, coff, d] in_dtype
+    (fp32 or bf16); APE [r, coff, d] fp32; CU [B + 1] cu_dtype; START, SLOT [B] int64 (read only when
+    given); KVS, SCS [slots, coff*r, coff, d] fp32, updated in place;
+    ENT [rows, d] fp32 (bf16 fused): [N, d] batched, [N // r, d] COMPACT; EMIT [rows] uint8 (unused COMPACT);
     NW [d] fp32, COS, SIN [P, 32] fp32 (fused); KC [pages, block_size * 584] uint8, CSLOT [rows] int64
     (cache); eps fp32; steps int32 (binary-search probes, bit_length(B)). Unused arguments are not read.
     """
