@@ -236,10 +236,15 @@ def _batched_rules(kv, ratio, cu_seqlens, kv_state, start_positions, slot_ids, r
 
 
 # Triton: both forms run the batched kernel (kernels/compressor), one program per entry; ROW_CHUNK rows per
-# step of the online softmax.
-dispatch.register_family_op(OP_PREFILL, "compressor", triton={"ROW_CHUNK": 8, "num_warps": 4})
+# step of the online softmax. TileLang: the same grid, one block of `threads` per entry, CHUNK rows per
+# online-softmax step of a thread; the values of kernels/compressor/tilelang_prefill.py's DEFAULTS (a test
+# keeps them equal), repeated so that registering the op does not import tilelang.
+TILELANG_PREFILL_DEFAULTS = {"threads": 256, "CHUNK": 8}
+dispatch.register_family_op(OP_PREFILL, "compressor", triton={"ROW_CHUNK": 8, "num_warps": 4},
+                            tilelang=TILELANG_PREFILL_DEFAULTS)
 OP_PREFILL_BATCHED = "compressor_prefill_batched"
-dispatch.register_family_op(OP_PREFILL_BATCHED, "compressor", triton={"ROW_CHUNK": 8, "num_warps": 4})
+dispatch.register_family_op(OP_PREFILL_BATCHED, "compressor", triton={"ROW_CHUNK": 8, "num_warps": 4},
+                            tilelang=TILELANG_PREFILL_DEFAULTS)
 
 
 @_library.custom_op("dsv4::compressor_prefill", mutates_args=("kv_cache",))
