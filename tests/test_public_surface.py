@@ -129,3 +129,50 @@ def test_the_ladder_leaves_cases_too_large_for_the_interpreter_to_the_device(mon
     summary = ladder.run_cases("sigmoid_gate", "triton", torch.device("cpu"))
     assert "cases match" in summary and "left to the device (too large for the interpreter)" in summary
     assert "too large" not in ladder.run_cases("sigmoid_gate", "reference", torch.device("cpu"))
+
+
+# The checked-call cache (dispatch.checked, ops/_library.py EagerFastOp.known/run).
+
+@pytest.mark.parametrize("op", dispatch.ops())
+def test_a_call_class_that_passed_the_checks_skips_them_and_no_other(op, monkeypatch):
+    """After a good call, a call of the same class runs the implementation chosen for it without the
+    checks (a patched check that always raises is not reached), and counts in dispatch.recording; a
+    tensor on another device, or checked mode, takes the checked path again and is refused."""
+    monkeypatch.delenv(_values.ENV, raising=False)
+    args, kwargs = _first_case(op)
+    fn = getattr(dk, op)
+    dispatch.clear_cache()
+    want = fn(*args, **kwargs, impl="reference")
+    with dispatch.recording() as calls:
+        again = fn(*args, **kwargs, impl="reference")
+    assert calls == {(op, "reference"): 1}
+    for g, w in zip(again if isinstance(again, tuple) else (again,), want if isinstance(want, tuple) else (want,)):
+        assert g.shape == w.shape and g.dtype == w.dtype
+    tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+    for i in tensors[1:]:
+        moved = tuple(a.to("meta") if j == i else a for j, a in enumerate(args))
+        with pytest.raises(ValueError, match="expected device"):
+            fn(*moved, **kwargs, impl="reference")
+
+
+def test_the_checked_call_cache_is_bypassed_in_checked_mode_and_for_a_new_class(monkeypatch):
+    from dsv4_kernels.ops import compressor
+    args, kwargs = _first_case("compressor_decode")
+    state = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    dispatch.clear_cache()
+    dk.compressor_decode(*state, **kwargs)
+    seen = []
+    real = compressor.validate_decode
+    monkeypatch.setattr(compressor, "validate_decode", lambda *a: seen.append(a) or real(*a))
+    dk.compressor_decode(*state, **kwargs)
+    assert not seen                                   # the same class: checks skipped
+    monkeypatch.setenv(_values.ENV, "1")
+    dk.compressor_decode(*state, **kwargs)
+    assert len(seen) == 1                             # checked mode: checks and value rules run
+    monkeypatch.delenv(_values.ENV)
+    narrower = [a[:1] if i in (2, 3, 5, 7) else a for i, a in enumerate(state)]   # kv, score, positions, slots
+    dk.compressor_decode(*narrower, **kwargs)
+    assert len(seen) == 2                             # a new class: checked
+    dispatch.clear_cache()
+    dk.compressor_decode(*state, **kwargs)
+    assert len(seen) == 3                             # clear_cache forgets the classes too

@@ -26,6 +26,7 @@ import functools
 import importlib
 import logging
 import os
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -53,8 +54,10 @@ class CaptureError(RuntimeError):
 
 
 def _resolve(entry: str) -> Callable:
+    """The function `entry` ("module:function") names, looked up on each call (a patched module attribute
+    is seen at once); an imported module is read from sys.modules (importlib's lookup costs ~1 us)."""
     module, _, attr = entry.partition(":")
-    return getattr(importlib.import_module(module), attr)
+    return getattr(sys.modules.get(module) or importlib.import_module(module), attr)
 
 
 def _always(*_args, **_kwargs) -> None:
@@ -334,10 +337,11 @@ MAX_CACHED = 4096  # shape classes kept; past it the cache starts over (prefill 
 
 
 def clear_cache() -> None:
-    """Forget every cached selection and config (register() calls it; call it after editing a tuned table
-    in a running process)."""
+    """Forget every cached selection, config and checked call class (register() calls it; call it after
+    editing a tuned table in a running process)."""
     _SELECTIONS.clear()
     _CONFIGS.clear()
+    _CHECKED.clear()
 
 
 class _Uncacheable(Exception):
@@ -348,8 +352,9 @@ _SCALARS = (bool, int, float, str, type(None))
 
 
 def _arg_key(a):
-    if isinstance(a, torch.Tensor):  # the alignment matters: TileLang kernels refuse unaligned pointers
-        return (a.shape, a.stride(), a.dtype, a.data_ptr() & 15)
+    if isinstance(a, torch.Tensor):  # the alignment matters: TileLang kernels refuse unaligned pointers;
+        #                              the device: a public op's checks compare every tensor's (see checked)
+        return (a.shape, a.stride(), a.dtype, a.device, a.data_ptr() & 15)
     if a.__class__ in _SCALARS:
         return (a.__class__, a)  # the type too: True == 1
     if isinstance(a, (tuple, list)):
@@ -421,6 +426,39 @@ def call(op: str, *args, impl: str | None = None, **kwargs):
     for counts in _recorders:
         counts[(op, chosen.name)] += 1
     return chosen(*args, **kwargs)
+
+
+# Public calls whose arguments passed their op's checks, by call class (the selection key of the public
+# arguments): the function of the implementation chosen for them. A public op asks `checked` first and,
+# on a hit, skips its checks and the custom-op layer (ops/_library.py EagerFastOp.known and .run).
+_CHECKED: dict[tuple, Implementation] = {}
+
+
+def checked(op: str, args: tuple, impl: str | None) -> Implementation | None:
+    """The implementation for a public call of `op` whose call class (op, impl=, DSV4K_IMPL,
+    DSV4K_STRICT, the registry, and per argument: shape, strides, dtype, device, alignment, or scalar
+    type and value) passed the op's checks before (`remember_checked`), else None. The checks of every
+    op read only that metadata (never tensor values), so a call of the same class passes them too."""
+    if impl is not None and impl.__class__ is not str:
+        return None                    # the op's check of impl= raises
+    key = _selection_key(op, impl, args, {})
+    chosen = _CHECKED.get(key) if key is not None else None
+    if chosen is not None:
+        for counts in _recorders:
+            counts[(op, chosen.name)] += 1
+    return chosen
+
+
+def remember_checked(op: str, args: tuple, impl: str | None, op_args: tuple) -> None:
+    """Record that public arguments `args` of `op` passed its checks and ran as `op_args` (the arguments
+    its custom op passed to `call`); later calls of the class go straight to the chosen implementation."""
+    key = _selection_key(op, impl, args, {})
+    decision = _SELECTIONS.get(_selection_key(op, impl, op_args, {}))
+    if key is None or decision is None:
+        return
+    if len(_CHECKED) >= MAX_CACHED:
+        _CHECKED.clear()
+    _CHECKED[key] = decision.chosen
 
 
 def precompile(op: str, *args, impl: str | None = None, **kwargs) -> Decision:

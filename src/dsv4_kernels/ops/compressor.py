@@ -350,31 +350,33 @@ def compressor_prefill(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor,
     cu_seqlens that decrease or leave [0, S], negative starts, slot ids out of range or repeated, and
     chunks past the RoPE tables: the error names the first bad position.
     """
-    batched = {"kv_state": kv_state, "score_state": score_state, "start_positions": start_positions,
-               "slot_ids": slot_ids}
     if cu_seqlens is None:
-        for name, t in batched.items():
-            if t is not None:
-                raise ValueError(f"{name}: belongs to the batched form; expected None without cu_seqlens, "
-                                 f"got a tensor")
-        validate_prefill(kv, score, ape, ratio, norm_weight, rope_cos, rope_sin, kv_cache, cache_block_size,
-                         cache_slots)
+        args = (kv, score, ape, ratio, norm_weight, rope_cos, rope_sin, kv_cache, cache_block_size, cache_slots)
+        single = kv_state is None and score_state is None and start_positions is None and slot_ids is None
+        known = _compressor_prefill_op.known(args, impl) if single else None
+        if known is None:
+            for name, t in (("kv_state", kv_state), ("score_state", score_state),
+                            ("start_positions", start_positions), ("slot_ids", slot_ids)):
+                if t is not None:
+                    raise ValueError(f"{name}: belongs to the batched form; expected None without cu_seqlens, "
+                                     f"got a tensor")
+            validate_prefill(*args)
+            if _values.enabled():
+                _values.check(*_cache_rules(kv_cache, cache_block_size, cache_slots))
+        return _compressor_prefill_op.run(known, args, impl, *args)
+    args = (kv, score, ape, ratio, cu_seqlens, kv_state, score_state, start_positions, slot_ids, norm_weight,
+            rope_cos, rope_sin, kv_cache, cache_block_size, cache_slots)
+    known = _compressor_prefill_batched_op.known(args, impl)
+    if known is None:
+        for name, t in (("kv_state", kv_state), ("score_state", score_state)):
+            if t is None:
+                raise ValueError(f"{name}: expected [slots, coff*ratio, coff*d] fp32 state with cu_seqlens (the "
+                                 f"batched form continues each chunk from its slot), got None")
+        validate_prefill_batched(*args)
         if _values.enabled():
-            _values.check(*_cache_rules(kv_cache, cache_block_size, cache_slots))
-        return _compressor_prefill_op(kv, score, ape, ratio, norm_weight, rope_cos, rope_sin, kv_cache,
-                                      cache_block_size, cache_slots, _checks.impl_name(impl))
-    for name in ("kv_state", "score_state"):
-        if batched[name] is None:
-            raise ValueError(f"{name}: expected [slots, coff*ratio, coff*d] fp32 state with cu_seqlens (the "
-                             f"batched form continues each chunk from its slot), got None")
-    validate_prefill_batched(kv, score, ape, ratio, cu_seqlens, kv_state, score_state, start_positions, slot_ids,
-                             norm_weight, rope_cos, rope_sin, kv_cache, cache_block_size, cache_slots)
-    if _values.enabled():
-        _values.check(*_batched_rules(kv, ratio, cu_seqlens, kv_state, start_positions, slot_ids, rope_cos,
-                                      kv_cache, cache_block_size, cache_slots))
-    return _compressor_prefill_batched_op(kv, score, ape, ratio, cu_seqlens, kv_state, score_state,
-                                          start_positions, slot_ids, norm_weight, rope_cos, rope_sin, kv_cache,
-                                          cache_block_size, cache_slots, _checks.impl_name(impl))
+            _values.check(*_batched_rules(kv, ratio, cu_seqlens, kv_state, start_positions, slot_ids, rope_cos,
+                                          kv_cache, cache_block_size, cache_slots))
+    return _compressor_prefill_batched_op.run(known, args, impl, *args)
 
 
 def compressor_prefill_batched(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, ratio: int,
@@ -494,18 +496,20 @@ def compressor_decode(kv_state: torch.Tensor, score_state: torch.Tensor, kv: tor
     (off by default; it syncs) also for the invalid rows above, repeated slot ids, and emitting rows'
     cache slots that are neither -1 nor in range, or repeated: the error names the first bad position.
     """
-    validate_decode(kv_state, score_state, kv, score, ape, positions, ratio, slot_ids, norm_weight, rope_cos,
-                    rope_sin, kv_cache, cache_block_size, cache_slots)
-    if _values.enabled():
-        top = _INT64_MAX if rope_cos is None else rope_cos.shape[0] + ratio - 1
-        emitting = (positions + 1) % ratio == 0
-        _values.check(_values.InRange("positions", positions, 0, top,
-                                      what="p >= 0" + ("" if rope_cos is None else ", p + 1 - ratio < rope rows")),
-                      _values.InRange("slot_ids", slot_ids, 0, kv_state.shape[0], what="state slots"),
-                      _values.Distinct("slot_ids", slot_ids),
-                      *_cache_rules(kv_cache, cache_block_size, cache_slots, rows_used=emitting))
-    return _compressor_decode_op(kv_state, score_state, kv, score, ape, positions, ratio, slot_ids, norm_weight,
-                                 rope_cos, rope_sin, kv_cache, cache_block_size, cache_slots, _checks.impl_name(impl))
+    args = (kv_state, score_state, kv, score, ape, positions, ratio, slot_ids, norm_weight, rope_cos, rope_sin,
+            kv_cache, cache_block_size, cache_slots)
+    known = _compressor_decode_op.known(args, impl)
+    if known is None:
+        validate_decode(*args)
+        if _values.enabled():
+            top = _INT64_MAX if rope_cos is None else rope_cos.shape[0] + ratio - 1
+            emitting = (positions + 1) % ratio == 0
+            _values.check(_values.InRange("positions", positions, 0, top, what="p >= 0" + (
+                                              "" if rope_cos is None else ", p + 1 - ratio < rope rows")),
+                          _values.InRange("slot_ids", slot_ids, 0, kv_state.shape[0], what="state slots"),
+                          _values.Distinct("slot_ids", slot_ids),
+                          *_cache_rules(kv_cache, cache_block_size, cache_slots, rows_used=emitting))
+    return _compressor_decode_op.run(known, args, impl, *args)
 
 
 OP_NORM_ROPE = "compressor_norm_rope"
@@ -565,10 +569,14 @@ def compressor_norm_rope(entries: torch.Tensor, norm_weight: torch.Tensor, rope_
         rounded to bf16. n = 0 gives [0, d]; an all-zero row with eps = 0 gives NaN.
     Raises ValueError for a wrong dtype, shape, device, layout or eps, before any launch.
     """
-    validate_norm_rope(entries, norm_weight, rope_cos, rope_sin, positions, eps)
-    if _values.enabled():
-        _values.check(_values.InRange("positions", positions, 0, rope_cos.shape[0], what="rows of rope_cos"))
-    return _compressor_norm_rope_op(entries, norm_weight, rope_cos, rope_sin, positions, float(eps), _checks.impl_name(impl))
+    args = (entries, norm_weight, rope_cos, rope_sin, positions, eps)
+    known = _compressor_norm_rope_op.known(args, impl)
+    if known is None:
+        validate_norm_rope(*args)
+        if _values.enabled():
+            _values.check(_values.InRange("positions", positions, 0, rope_cos.shape[0], what="rows of rope_cos"))
+    return _compressor_norm_rope_op.run(known, args, impl, entries, norm_weight, rope_cos, rope_sin, positions,
+                                        float(eps))
 
 
 OP_INDEXER = "indexer_cache_quantize"
@@ -608,8 +616,10 @@ def indexer_cache_quantize(x: torch.Tensor, *, impl: str | None = None) -> tuple
     the IEEE sign (-0 gives code 8). n = 0 gives [0, 64] and [0, 4].
     Raises ValueError for a wrong dtype, shape or layout, before any launch.
     """
-    validate_indexer(x)
-    return _indexer_cache_quantize_op(x, _checks.impl_name(impl))
+    known = _indexer_cache_quantize_op.known((x,), impl)
+    if known is None:
+        validate_indexer(x)
+    return _indexer_cache_quantize_op.run(known, (x,), impl, x)
 
 
 POOL_ATOL, POOL_RTOL = 2e-5, 1e-4     # SPEC 6, compressor pooling (fp32)

@@ -177,8 +177,10 @@ def quantize_fp8_blockwise(x: torch.Tensor, block_size: int = 128, fmt: str = "e
         ValueError naming the argument, the expected and the actual value for a wrong dtype, layout,
         rank, a block_size that is not a positive int dividing K, or an fmt other than the two names.
     """
-    validate_fp8_blockwise(x, block_size, fmt)
-    return _quantize_fp8_blockwise_op(x, int(block_size), fmt, _checks.impl_name(impl))
+    known = _quantize_fp8_blockwise_op.known((x, block_size, fmt), impl)
+    if known is None:
+        validate_fp8_blockwise(x, block_size, fmt)
+    return _quantize_fp8_blockwise_op.run(known, (x, block_size, fmt), impl, x, int(block_size), fmt)
 
 
 def quantize_mxfp4(x: torch.Tensor, block_size: int = 32, *,
@@ -203,8 +205,10 @@ def quantize_mxfp4(x: torch.Tensor, block_size: int = 32, *,
         ValueError for a wrong dtype, layout or rank, a block_size other than 32, or K not a positive
         multiple of 32.
     """
-    validate_mxfp4(x, block_size)
-    return _quantize_mxfp4_op(x, int(block_size), _checks.impl_name(impl))
+    known = _quantize_mxfp4_op.known((x, block_size), impl)
+    if known is None:
+        validate_mxfp4(x, block_size)
+    return _quantize_mxfp4_op.run(known, (x, block_size), impl, x, int(block_size))
 
 
 def dequantize_mxfp4(packed: torch.Tensor, scale: torch.Tensor, *, impl: str | None = None) -> torch.Tensor:
@@ -222,8 +226,10 @@ def dequantize_mxfp4(packed: torch.Tensor, scale: torch.Tensor, *, impl: str | N
         ValueError for a wrong dtype, layout, rank, a last dimension of packed that is not a positive
         multiple of 16, a scale shape other than (*packed.shape[:-1], K / 32), or different devices.
     """
-    validate_dequant_mxfp4(packed, scale)
-    return _dequantize_mxfp4_op(packed, scale, _checks.impl_name(impl))
+    known = _dequantize_mxfp4_op.known((packed, scale), impl)
+    if known is None:
+        validate_dequant_mxfp4(packed, scale)
+    return _dequantize_mxfp4_op.run(known, (packed, scale), impl, packed, scale)
 
 
 def quantize_kv_cache_fp8(kv: torch.Tensor, block_size: int = 64, *, impl: str | None = None) -> torch.Tensor:
@@ -250,8 +256,10 @@ def quantize_kv_cache_fp8(kv: torch.Tensor, block_size: int = 64, *, impl: str |
         ValueError for a wrong dtype, rank, shape (last dimension 512), layout, or a block_size that is
         not a positive int.
     """
-    validate_kv(kv, block_size)
-    return _quantize_kv_cache_fp8_op(kv, int(block_size), _checks.impl_name(impl))
+    known = _quantize_kv_cache_fp8_op.known((kv, block_size), impl)
+    if known is None:
+        validate_kv(kv, block_size)
+    return _quantize_kv_cache_fp8_op.run(known, (kv, block_size), impl, kv, int(block_size))
 
 
 def dequantize_kv_cache_fp8(pages: torch.Tensor, num_tokens: int, block_size: int = 64, *,
@@ -275,8 +283,11 @@ def dequantize_kv_cache_fp8(pages: torch.Tensor, num_tokens: int, block_size: in
         ValueError for a wrong dtype, rank, layout, a row length other than block_size * 584, a
         block_size or num_tokens that is not an int in range.
     """
-    validate_dequant_kv(pages, num_tokens, block_size)
-    return _dequantize_kv_cache_fp8_op(pages, int(num_tokens), int(block_size), _checks.impl_name(impl))
+    args = (pages, num_tokens, block_size)
+    known = _dequantize_kv_cache_fp8_op.known(args, impl)
+    if known is None:
+        validate_dequant_kv(*args)
+    return _dequantize_kv_cache_fp8_op.run(known, args, impl, pages, int(num_tokens), int(block_size))
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 from dsv4_kernels import dispatch
 from dsv4_kernels.ladder import OpCheck, register_check
 from dsv4_kernels.oracles import mhc as oracle
-from dsv4_kernels.ops import _checks, _library
+from dsv4_kernels.ops import _library
 from dsv4_kernels.ops._spec import ArgSpec, Int, PosFloat, Tensor
 from dsv4_kernels.testing import assert_bf16_close, assert_close
 
@@ -181,8 +181,11 @@ def mhc_sinkhorn(mixes: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Ten
     Raises ValueError for a wrong dtype, shape, device or layout, hc_mult other than 4, iters < 1 or a
     non-positive or non-finite eps.
     """
-    SPECS["mhc_sinkhorn"].validate(mixes, hc_scale, hc_base, hc_mult, iters, eps)
-    return _mhc_sinkhorn_op(mixes, hc_scale, hc_base, hc_mult, iters, float(eps), _checks.impl_name(impl))
+    args = (mixes, hc_scale, hc_base, hc_mult, iters, eps)
+    known = _mhc_sinkhorn_op.known(args, impl)
+    if known is None:
+        SPECS["mhc_sinkhorn"].validate(*args)
+    return _mhc_sinkhorn_op.run(known, args, impl, mixes, hc_scale, hc_base, hc_mult, iters, float(eps))
 
 
 def mhc_pre(x: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Tensor, iters: int = 20,
@@ -211,8 +214,11 @@ def mhc_pre(x: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_bas
     Raises ValueError for a wrong dtype, shape (x.shape[1] != 4, dim = 0, hc_fn not [24, 4 * dim], ...),
     device or layout, iters < 1, or a non-positive or non-finite eps or norm_eps.
     """
-    SPECS["mhc_pre"].validate(x, hc_fn, hc_scale, hc_base, iters, eps, norm_eps)
-    return _mhc_pre_op(x, hc_fn, hc_scale, hc_base, iters, float(eps), float(norm_eps), _checks.impl_name(impl))
+    args = (x, hc_fn, hc_scale, hc_base, iters, eps, norm_eps)
+    known = _mhc_pre_op.known(args, impl)
+    if known is None:
+        SPECS["mhc_pre"].validate(*args)
+    return _mhc_pre_op.run(known, args, impl, x, hc_fn, hc_scale, hc_base, iters, float(eps), float(norm_eps))
 
 
 def mhc_post(f: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor, *,
@@ -229,8 +235,11 @@ def mhc_post(f: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.T
     Edge cases: T = 0 gives an empty output; comb = identity and post = 0 return x unchanged.
     Raises ValueError for a wrong dtype, shape, device or layout.
     """
-    SPECS["mhc_post"].validate(f, x, post, comb)
-    return _mhc_post_op(f, x, post, comb, _checks.impl_name(impl))
+    args = (f, x, post, comb)
+    known = _mhc_post_op.known(args, impl)
+    if known is None:
+        SPECS["mhc_post"].validate(*args)
+    return _mhc_post_op.run(known, args, impl, *args)
 
 
 def mhc_head(x: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Tensor, eps: float = 1e-6,
@@ -248,8 +257,11 @@ def mhc_head(x: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_ba
     Raises ValueError for a wrong dtype, shape, device or layout, or a non-positive or non-finite eps
     or norm_eps.
     """
-    SPECS["mhc_head"].validate(x, hc_fn, hc_scale, hc_base, eps, norm_eps)
-    return _mhc_head_op(x, hc_fn, hc_scale, hc_base, float(eps), float(norm_eps), _checks.impl_name(impl))
+    args = (x, hc_fn, hc_scale, hc_base, eps, norm_eps)
+    known = _mhc_head_op.known(args, impl)
+    if known is None:
+        SPECS["mhc_head"].validate(*args)
+    return _mhc_head_op.run(known, args, impl, x, hc_fn, hc_scale, hc_base, float(eps), float(norm_eps))
 
 
 def mhc_post_pre(f: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor, hc_fn: torch.Tensor,
@@ -268,9 +280,12 @@ def mhc_post_pre(f: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: tor
     Edge cases: as mhc_post and mhc_pre.
     Raises ValueError for any argument mhc_post or mhc_pre would refuse.
     """
-    SPECS["mhc_post_pre"].validate(f, x, post, comb, hc_fn, hc_scale, hc_base, iters, eps, norm_eps)
-    return _mhc_post_pre_op(f, x, post, comb, hc_fn, hc_scale, hc_base, iters, float(eps), float(norm_eps),
-                            _checks.impl_name(impl))
+    args = (f, x, post, comb, hc_fn, hc_scale, hc_base, iters, eps, norm_eps)
+    known = _mhc_post_pre_op.known(args, impl)
+    if known is None:
+        SPECS["mhc_post_pre"].validate(*args)
+    return _mhc_post_pre_op.run(known, args, impl, f, x, post, comb, hc_fn, hc_scale, hc_base, iters, float(eps),
+                                float(norm_eps))
 
 
 def _compare(out: torch.Tensor, expected: torch.Tensor) -> None:

@@ -235,10 +235,13 @@ def mxfp4_grouped_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, 
         in checked mode also for an m_indices value outside [0, G) other than -1, or a group split by
         another group's rows (naming the position).
     """
-    validate_gemm(a, a_scale, b, b_scale, m_indices, act_block_size)
-    if _values.enabled():
-        _values.check(*gemm_rules(b, m_indices))
-    return _mxfp4_grouped_gemm_op(a, a_scale, b, b_scale, m_indices, int(act_block_size), _checks.impl_name(impl))
+    args = (a, a_scale, b, b_scale, m_indices, act_block_size)
+    known = _mxfp4_grouped_gemm_op.known(args, impl)
+    if known is None:
+        validate_gemm(*args)
+        if _values.enabled():
+            _values.check(*gemm_rules(b, m_indices))
+    return _mxfp4_grouped_gemm_op.run(known, args, impl, a, a_scale, b, b_scale, m_indices, int(act_block_size))
 
 
 def fp4_grouped_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor,
@@ -299,13 +302,15 @@ def fp4_grouped_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch
         not a non-empty 1-d int32 tensor; in checked mode also for a topk_ids value outside [0, E) (or
         [0, E_global)) or an expert_map entry outside [0, E), -1 excepted (naming position and value).
     """
-    validate_moe(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, act_block_size, swiglu_limit,
-                 expert_map, act_fmt)
-    if _values.enabled():
-        _values.check(*moe_rules(topk_ids, w13, expert_map))
-    return _fp4_grouped_moe_op(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, int(act_block_size),
-                               float(swiglu_limit), expert_map, resolve_act_fmt(act_fmt, x),
-                               _checks.impl_name(impl))
+    args = (x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, act_block_size, swiglu_limit, expert_map,
+            act_fmt)
+    known = _fp4_grouped_moe_op.known(args, impl)
+    if known is None:
+        validate_moe(*args)
+        if _values.enabled():
+            _values.check(*moe_rules(topk_ids, w13, expert_map))
+    return _fp4_grouped_moe_op.run(known, args, impl, x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale,
+                                   int(act_block_size), float(swiglu_limit), expert_map, resolve_act_fmt(act_fmt, x))
 
 
 # Tolerances. Against the reference (kernels, device runs): SPEC 5, calc_diff < 0.01 with one FP4 operand

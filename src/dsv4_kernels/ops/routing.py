@@ -148,10 +148,13 @@ def score_topk(router_logits: torch.Tensor, bias: torch.Tensor, topk: int = 6, r
     routed_scaling_factor that is not a positive finite number, or num_fused_shared_experts not in
     {0, 1} (V4 fuses one shared expert; engines disagree on what n > 1 means, so it is refused).
     """
-    validate_score_topk(router_logits, bias, topk, routed_scaling_factor, num_fused_shared_experts,
-                        apply_routed_scaling_factor_on_output, renormalize)
-    return _score_topk_op(router_logits, bias, topk, float(routed_scaling_factor), num_fused_shared_experts,
-                          apply_routed_scaling_factor_on_output, renormalize, _checks.impl_name(impl))
+    args = (router_logits, bias, topk, routed_scaling_factor, num_fused_shared_experts,
+            apply_routed_scaling_factor_on_output, renormalize)
+    known = _score_topk_op.known(args, impl)
+    if known is None:
+        validate_score_topk(*args)
+    return _score_topk_op.run(known, args, impl, router_logits, bias, topk, float(routed_scaling_factor),
+                              num_fused_shared_experts, apply_routed_scaling_factor_on_output, renormalize)
 
 
 def hash_topk(router_logits: torch.Tensor, input_ids: torch.Tensor, tid2eid: torch.Tensor,
@@ -183,13 +186,16 @@ def hash_topk(router_logits: torch.Tensor, input_ids: torch.Tensor, tid2eid: tor
     [1, E], a routed_scaling_factor that is not a positive finite number, or num_fused_shared_experts
     not in {0, 1}.
     """
-    validate_hash_topk(router_logits, input_ids, tid2eid, num_fused_shared_experts, routed_scaling_factor,
-                       apply_routed_scaling_factor_on_output)
-    if _values.enabled():
-        _values.check(_values.InRange("input_ids", input_ids, 0, tid2eid.shape[0], what="rows of tid2eid"),
-                      _values.InRange("tid2eid", tid2eid, 0, router_logits.shape[1], what="experts"))
-    return _hash_topk_op(router_logits, input_ids, tid2eid, num_fused_shared_experts, float(routed_scaling_factor),
-                         apply_routed_scaling_factor_on_output, _checks.impl_name(impl))
+    args = (router_logits, input_ids, tid2eid, num_fused_shared_experts, routed_scaling_factor,
+            apply_routed_scaling_factor_on_output)
+    known = _hash_topk_op.known(args, impl)
+    if known is None:
+        validate_hash_topk(*args)
+        if _values.enabled():
+            _values.check(_values.InRange("input_ids", input_ids, 0, tid2eid.shape[0], what="rows of tid2eid"),
+                          _values.InRange("tid2eid", tid2eid, 0, router_logits.shape[1], what="experts"))
+    return _hash_topk_op.run(known, args, impl, router_logits, input_ids, tid2eid, num_fused_shared_experts,
+                             float(routed_scaling_factor), apply_routed_scaling_factor_on_output)
 
 
 def _compare(out: torch.Tensor, expected: torch.Tensor) -> None:

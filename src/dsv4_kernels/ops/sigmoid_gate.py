@@ -70,8 +70,10 @@ def sigmoid_gate(x: torch.Tensor, gate: torch.Tensor, *, impl: str | None = None
     Returns: a new tensor, x's shape and dtype. NaN propagates; sigmoid(-inf) = 0.
     Raises ValueError for a wrong dtype, shape, device or layout, before any launch.
     """
-    validate(x, gate)
-    return _sigmoid_gate_op(x, gate, _checks.impl_name(impl))
+    known = _sigmoid_gate_op.known((x, gate), impl)
+    if known is None:
+        validate(x, gate)
+    return _sigmoid_gate_op.run(known, (x, gate), impl, x, gate)
 
 
 def _cases(device: torch.device) -> list[tuple[str, tuple, dict]]:

@@ -219,11 +219,14 @@ def sparse_mqa(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, attn_si
         (including H and D = 512), device, layout, or softmax_scale, before any launch; in checked mode
         also for a bad index or topk_length value (naming its position).
     """
-    validate(q, kv, indices, attn_sink, softmax_scale, topk_length)
-    if _values.enabled():
-        _values.check(*index_rules(indices, topk_length, kv.shape[0], f"rows of kv, N = {kv.shape[0]}"))
+    args = (q, kv, indices, attn_sink, softmax_scale, topk_length)
+    known = _sparse_mqa_op.known(args, impl)
+    if known is None:
+        validate(*args)
+        if _values.enabled():
+            _values.check(*index_rules(indices, topk_length, kv.shape[0], f"rows of kv, N = {kv.shape[0]}"))
     scale = None if softmax_scale is None else float(softmax_scale)
-    return _sparse_mqa_op(q, kv, indices, attn_sink, scale, topk_length, _checks.impl_name(impl))
+    return _sparse_mqa_op.run(known, args, impl, q, kv, indices, attn_sink, scale, topk_length)
 
 
 def sparse_mqa_fp8(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tensor, attn_sink: torch.Tensor,
@@ -272,19 +275,22 @@ def sparse_mqa_fp8(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tenso
         extra_topk_length without them; extra_indices / extra_topk_length whose T is not q's. Checked
         mode also refuses bad extra_indices / extra_topk_length values, naming them.
     """
-    validate_fp8(q, kv_cache, indices, attn_sink, softmax_scale, topk_length, block_size, extra_kv_cache,
-                 extra_indices, extra_topk_length)
-    if _values.enabled():  # the message names symbolic sizes under torch.compile: build it only when used
-        rules = index_rules(indices, topk_length, kv_cache.shape[0] * block_size,
-                            f"slots of kv_cache, {kv_cache.shape[0]} pages * block_size {block_size}")
-        if extra_kv_cache is not None:
-            rules += index_rules(extra_indices, extra_topk_length, extra_kv_cache.shape[0] * block_size,
-                                 f"slots of extra_kv_cache, {extra_kv_cache.shape[0]} pages * block_size "
-                                 f"{block_size}", name="extra_indices", length_name="extra_topk_length")
-        _values.check(*rules)
+    args = (q, kv_cache, indices, attn_sink, softmax_scale, topk_length, block_size, extra_kv_cache, extra_indices,
+            extra_topk_length)
+    known = _sparse_mqa_fp8_op.known(args, impl)
+    if known is None:
+        validate_fp8(*args)
+        if _values.enabled():  # the message names symbolic sizes under torch.compile: build it only when used
+            rules = index_rules(indices, topk_length, kv_cache.shape[0] * block_size,
+                                f"slots of kv_cache, {kv_cache.shape[0]} pages * block_size {block_size}")
+            if extra_kv_cache is not None:
+                rules += index_rules(extra_indices, extra_topk_length, extra_kv_cache.shape[0] * block_size,
+                                     f"slots of extra_kv_cache, {extra_kv_cache.shape[0]} pages * block_size "
+                                     f"{block_size}", name="extra_indices", length_name="extra_topk_length")
+            _values.check(*rules)
     scale = None if softmax_scale is None else float(softmax_scale)
-    return _sparse_mqa_fp8_op(q, kv_cache, indices, attn_sink, scale, topk_length, int(block_size), extra_kv_cache,
-                              extra_indices, extra_topk_length, _checks.impl_name(impl))
+    return _sparse_mqa_fp8_op.run(known, args, impl, q, kv_cache, indices, attn_sink, scale, topk_length,
+                                  int(block_size), extra_kv_cache, extra_indices, extra_topk_length)
 
 
 def _pool_case(gen, heads, positions, capacity, topk, compact):
