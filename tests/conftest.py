@@ -225,6 +225,25 @@ def codegen_results(request) -> dict:
     return {(r["op"], r["impl"], r["target"]): r for r in results}
 
 
+@pytest.fixture
+def codegen_artifacts(codegen_results, request):
+    """artifacts(op, impl, target): the Artifacts of one job of this session's codegen, after checking that
+    the implementation is registered for the target and compiled; skips when --backend names another
+    vendor (only that vendor's targets are compiled then)."""
+    from dsv4_kernels.backends import find_target
+    from dsv4_kernels.codegen import Artifact
+    chosen = request.config.getoption("--backend")
+
+    def artifacts(op: str, impl: str, target: str) -> list:
+        if chosen not in ("cpu", find_target(target).backend):
+            pytest.skip(f"--backend={chosen} compiles only that vendor's targets")
+        result = codegen_results.get((op, impl, target))
+        assert result is not None, f"{op}/{impl} is not registered for {target}"
+        assert result["ok"], result.get("error")
+        return [Artifact.from_json(a) for a in result["artifacts"]]
+    return artifacts
+
+
 def pytest_sessionfinish(session, exitstatus):
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is None or exitstatus != 0:

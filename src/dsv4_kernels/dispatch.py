@@ -429,7 +429,7 @@ def call(op: str, *args, impl: str | None = None, **kwargs):
 
 
 # Public calls whose arguments passed their op's checks, by call class (the selection key of the public
-# arguments): the function of the implementation chosen for them. A public op asks `checked` first and,
+# arguments): the implementation chosen for them. A public op asks `checked` first and,
 # on a hit, skips its checks and the custom-op layer (ops/_library.py EagerFastOp.known and .run).
 _CHECKED: dict[tuple, Implementation] = {}
 

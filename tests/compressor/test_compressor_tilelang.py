@@ -21,7 +21,6 @@ pytest.importorskip("tilelang", reason="tilelang is not installed (pip install '
 
 from dsv4_kernels import dispatch, ladder  # noqa: E402
 from dsv4_kernels.backends import find_target  # noqa: E402
-from dsv4_kernels.codegen import Artifact  # noqa: E402
 from dsv4_kernels.kernels.compressor import tilelang as tl  # noqa: E402
 from dsv4_kernels.ops import compressor as ops  # noqa: E402
 from dsv4_kernels.reference import compressor as ref  # noqa: E402
@@ -37,14 +36,9 @@ MAX_POS = 4096
 
 @pytest.mark.codegen
 @pytest.mark.parametrize("target", TARGETS)
-def test_codegen(target, codegen_results, request):
+def test_codegen(target, codegen_artifacts):
     backend = find_target(target).backend
-    if request.config.getoption("--backend") not in ("cpu", backend):
-        pytest.skip(f"--backend={request.config.getoption('--backend')} compiles only that vendor's targets")
-    result = codegen_results.get((OP, "tilelang", target))
-    assert result is not None, f"{OP}/tilelang is not registered for {target}"
-    assert result["ok"], result.get("error")
-    arts = [Artifact.from_json(a) for a in result["artifacts"]]
+    arts = codegen_artifacts(OP, "tilelang", target)
     assert [a.label for a in arts] == LABELS
     shuffle = "__shfl_xor_sync(" if backend == "cuda" else "__shfl_xor("
     for a in arts:
