@@ -161,7 +161,7 @@ def compare(documented: dict, records: list[dict]) -> list[str]:
     problems += [f"{k}: lowered, missing from the table (rerun with --update-doc)" for k in actual
                  if k not in documented]
     rank = {s: i for i, s in enumerate(("none", *STAGES))}
-    for key in documented.keys() & actual.keys():
+    for key in sorted(documented.keys() & actual.keys()):
         (d_last, _, d_cls), (a_last, a_stage, a_cls) = documented[key], actual[key]
         if rank.get(a_last, -1) < rank.get(d_last, 99):
             problems.append(f"{key}: reached {a_last} (stop {a_stage}: {a_cls}); documented {d_last}")
