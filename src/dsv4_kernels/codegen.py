@@ -77,6 +77,9 @@ class TileLangKernel:
     func: Any
     label: str = ""
     expects: dict[str, bool | None] = field(default_factory=lambda: {"no_local": True})
+    # source_check(text) -> problems: what the kernel's own design promises about its source (Ascend C
+    # has no binary here to read resources from); recorded as the claim "source_plan", which must hold.
+    source_check: Callable[[str], list[str]] | None = None
 
 
 @dataclass
@@ -188,6 +191,47 @@ def reduced_precision_mma(kind: str, text: str) -> list[str]:
     return sorted(set(found))
 
 
+# Ascend on-chip capacities the ub_budget claim holds a kernel's source to: 192 KB of Unified Buffer per
+# Vector core (the budget the kernels are planned for), Cube L1 512 KB, L0A / L0B 64 KB (Ascend 910B figures;
+# the dav-3510 compiler's own UB limit is 220160 B).
+ASCEND_CAPACITY = {"ub": 192 * 1024, "l1": 512 * 1024, "l0a": 64 * 1024, "l0b": 64 * 1024}
+_ASCEND_BYTES = {"float": 4, "half": 2, "bfloat16_t": 2, "half_t": 2, "int32_t": 4, "uint8_t": 1, "int8_t": 1,
+                 "uint16_t": 2, "uint32_t": 4}
+
+
+def ascend_cube_calls(text: str) -> list[str]:
+    """The Cube GEMM template calls (`ascend_gemm_l1<M, K, N, K_SUB, ...>`, whose body issues asc_mmad)
+    inside the AIC branch of a mixed Cube + Vector kernel of TileLang's Ascend C source."""
+    aic = text.split("if ASC_IS_AIC", 1)
+    if len(aic) < 2 or "__mix__" not in text:
+        return []
+    body = aic[1].split("if ASC_IS_AIV", 1)[0]
+    return re.findall(r"ascend_gemm_l1<[^>]*>", body)
+
+
+def ascend_buffer_extents(text: str) -> dict[str, int]:
+    """Lower bounds of the on-chip bytes an Ascend C listing uses, per scope: UB and L1, the largest
+    constant element offset into the dynamic buffer times the element size (the start of the last buffer
+    placed there); L0A / L0B, the double-buffered stages of each Cube GEMM call (M x K_SUB and N x K_SUB)."""
+    out: dict[str, int] = {}
+    for scope, qual, base in (("ub", "__ubuf__", "buf_dyn_shmem"), ("l1", "__cbuf__", "buf_dyn_l1")):
+        used = 0
+        pattern = rf"\(\({qual} (\w+)\*\){base}\)\[([^\]]*)\]|\({qual} (\w+)\*\){base} \+ \(?([^)]*)\)"
+        for m in re.finditer(pattern, text):
+            dtype, index = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+            literals = [int(v) for v in re.findall(r"(?<![\w.])(\d+)(?![\w.])", index)]
+            if literals:
+                used = max(used, max(literals) * _ASCEND_BYTES.get(dtype, 4))
+        if used or base in text:
+            out[scope] = used
+    for m in re.finditer(r"ascend_gemm_l1<(\d+), (\d+), (\d+), (\d+), \w+, (\w+)>", text):
+        mm, _, nn, ksub = (int(v) for v in m.groups()[:4])
+        size = _ASCEND_BYTES.get(m.group(5), 2)
+        out["l0a"] = max(out.get("l0a", 0), 2 * mm * ksub * size)
+        out["l0b"] = max(out.get("l0b", 0), 2 * nn * ksub * size)
+    return out
+
+
 def _local_memory(kind: str, text: str, resources: dict) -> str | None:
     if kind == "ptx" and re.search(r"^\s*\.local\b", text, re.M):
         return "the PTX declares .local memory"
@@ -238,9 +282,22 @@ def check_claims(kind: str, text: str, resources: dict, expects: dict[str, bool]
                 continue
             found = reduced_precision_mma(kind, text)
             have, evidence = bool(found), (f"found {', '.join(found[:4])}" if found else "none found")
+        elif name in ("cube_mma", "ub_budget"):
+            if kind != "ascend-c":
+                continue
+            if name == "cube_mma":
+                found = ascend_cube_calls(text)
+                have, evidence = bool(found), (f"{len(found)} Cube GEMM calls on the AIC ({found[0]})" if found
+                                               else "no Cube GEMM call on the AIC")
+            else:
+                extents = ascend_buffer_extents(text)
+                over = [f"{scope} {used} B > {ASCEND_CAPACITY[scope]} B" for scope, used in extents.items()
+                        if used > ASCEND_CAPACITY[scope]]
+                have = not over
+                evidence = "; ".join(over) or ", ".join(f"{s} {b} B" for s, b in extents.items()) or "no buffers"
         else:
-            raise ValueError(f"unknown codegen claim {name!r}; expected no_local, vector_loads or "
-                             f"reduced_precision_mma")
+            raise ValueError(f"unknown codegen claim {name!r}; expected no_local, vector_loads, "
+                             f"reduced_precision_mma, cube_mma or ub_budget")
         out[name] = {"expected": want, "ok": have == want, "evidence": evidence}
     return out
 
@@ -300,6 +357,10 @@ def compile_impl(op: str, impl_name: str, target_name: str) -> list[Artifact]:
         else:
             kind, text, bkind, binary, res = _compile_tilelang(spec, target)
         claims = check_claims(kind, text, res, expected_claims(spec))
+        if getattr(spec, "source_check", None) is not None:
+            problems = spec.source_check(text)
+            claims["source_plan"] = {"expected": True, "ok": not problems,
+                                     "evidence": "; ".join(problems) or "the source shows the plan"}
         artifacts.append(Artifact(op, impl_name, target_name, spec.label, kind, text, bkind, binary, res,
                                   round(time.perf_counter() - t0, 3), claims))
     if not artifacts:

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from dsv4_kernels import dispatch
+from dsv4_kernels import dispatch, toolchains
 from dsv4_kernels.ladder import OpCheck, register_check
 from dsv4_kernels.oracles import mhc as oracle
 from dsv4_kernels.ops import _library
@@ -91,6 +91,14 @@ TILELANG_DEFAULTS = {
 # token count, 16-byte aligned pointers).
 for _op in OPS:
     dispatch.register_family_op(_op, "mhc", triton=TRITON_DEFAULTS[_op], tilelang=TILELANG_DEFAULTS[_op])
+    # Ascend 950 (TileLang Ascend dialect, backends/ascend/kernels/mhc.py): the tiling is the plan of
+    # mhc_plan.py (no tunable defaults yet). supports() refuses 910B/A2 and 910C/A3 NPUs (dav-2201), dims
+    # not a multiple of 1024, and the shapes the GPU kernels refuse; the dispatcher then falls back, logged.
+    dispatch.register(dispatch.Implementation(
+        _op, "tilelang_ascend", "tilelang", ("ascend",), entry=f"dsv4_kernels.backends.ascend.kernels.mhc:{_op}",
+        priority=10, available=toolchains.tilelang_ascend_available,
+        supports=dispatch.imported_on_use(f"dsv4_kernels.backends.ascend.kernels.mhc:supports_{_op}"),
+        codegen=f"dsv4_kernels.backends.ascend.kernels.mhc:codegen_{_op}"))
 
 
 def _fake_gates(like: torch.Tensor, T, m) -> tuple[torch.Tensor, torch.Tensor]:
