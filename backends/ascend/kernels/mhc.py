@@ -25,7 +25,7 @@ from dsv4_kernels.kernels import mhc as shared
 
 HC, MIX = plan.HC, plan.MIX
 SERVED_ARCH = "ascend950"  # dav-3510: the only chip TileLang's Ascend backend generates code for
-MAX_TOKENS = 2**31 // (HC * 8192)  # every GM offset of x (T * 4 * dim elements) fits int32
+MAX_TOKENS = 2**31 // (HC * 8192)  # T below it: every GM offset of x (T * 4 * dim elements) fits int32
 
 
 def chip_reason(t: torch.Tensor) -> str | None:
@@ -45,7 +45,7 @@ def _shape_reason(x: torch.Tensor) -> str | None:
     dim = x.shape[-1]
     if dim % plan.DIM_TILE:
         return f"the Ascend kernels tile dim by {plan.DIM_TILE}: dim {dim} is not a multiple"
-    if x.shape[0] > MAX_TOKENS:
+    if x.shape[0] >= MAX_TOKENS:
         return f"the Ascend kernels index with int32: T = {x.shape[0]} exceeds {MAX_TOKENS}"
     return None
 

@@ -36,6 +36,8 @@ def problems(kind: str, params: tuple, text: str) -> list[str]:
     for scope, used in _extents(text).items():
         if scope in ("ub", "l1") and used > buffers.get(scope, 0):
             out.append(f"{scope}: the source places data at {used} B, past the plan's {buffers.get(scope, 0)} B")
+        if scope in ("l0a", "l0b") and used != buffers.get(scope, 0):
+            out.append(f"{scope}: the Cube GEMM stages take {used} B, the plan {buffers.get(scope, 0)} B")
     out += plan.over_budget(kind, n, dim, rows)
     cube = ascend_cube_calls(text)
     if kind == "mix":

@@ -4,7 +4,8 @@ fused post + pre of consecutive sites used at decode).
 The residual state X is [T, 4, dim] bf16 (hc_mult = 4 streams); a mixing site has hc_fn [24, 4 * dim],
 hc_scale [3] and hc_base [24], all fp32 (the head site: [4, 4 * dim], [1], [4]). Implementations: the
 PyTorch reference, Triton (kernels/mhc/triton.py) and TileLang (kernels/mhc/tilelang.py); both kernel
-languages serve hc_mult 4 and dim % 256 == 0 up to 8192 (kernels/mhc/README.md).
+languages serve hc_mult 4 and dim % 256 == 0 up to 8192 (kernels/mhc/README.md). On Ascend 950 NPUs,
+TileLang's Ascend dialect (backends/ascend/kernels/mhc.py, dim % 1024 == 0; backends/ascend/README.md).
 """
 from __future__ import annotations
 
@@ -178,7 +179,7 @@ def mhc_sinkhorn(mixes: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Ten
     iters: int >= 1: 1 softmax, `iters` column and `iters - 1` row normalisations, ending on a column
         step (20 in V4).
     eps: positive finite float (hc_eps, 1e-6 in V4).
-    impl: run this implementation ("reference", "triton", "tilelang") or raise.
+    impl: run this implementation ("reference", "triton", "tilelang", "tilelang_ascend") or raise.
     Returns (pre [T, 4], post [T, 4], comb [T, 4, 4]), all fp32:
         pre = sigmoid(mixes[:, 0:4] * hc_scale[0] + hc_base[0:4]) + eps;
         post = 2 * sigmoid(mixes[:, 4:8] * hc_scale[1] + hc_base[4:8]);
@@ -207,7 +208,7 @@ def mhc_pre(x: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_bas
     hc_scale: [3] fp32; hc_base: [24] fp32: as in mhc_sinkhorn.
     iters, eps: as in mhc_sinkhorn.
     norm_eps: positive finite float added to mean(xf^2) before the rsqrt (1e-6).
-    impl: run this implementation ("reference", "triton", "tilelang") or raise.
+    impl: run this implementation ("reference", "triton", "tilelang", "tilelang_ascend") or raise.
     Returns:
         y [T, dim] bf16 = sum_i pre[:, i] * x[:, i, :] (fp32, rounded once);
         post [T, 4] fp32 and comb [T, 4, 4] fp32: mhc_sinkhorn of
@@ -237,7 +238,8 @@ def mhc_post(f: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.T
     x: [T, 4, dim] bf16, contiguous: the residual state the sublayer's mhc_pre read.
     post: [T, 4] fp32 and comb: [T, 4, 4] fp32, contiguous: the gates mhc_pre returned;
         comb[t, i, j] with i = source stream, j = destination stream.
-    All on one device. impl: run this implementation ("reference", "triton", "tilelang") or raise.
+    All on one device. impl: run this implementation ("reference", "triton", "tilelang", "tilelang_ascend") or
+    raise.
     Returns: X' [T, 4, dim] bf16, X'[:, j] = post[:, j] * F + sum_i comb[:, i, j] * X[:, i] in fp32,
         rounded once. A new tensor (x is not updated in place).
     Edge cases: T = 0 gives an empty output; comb = identity and post = 0 return x unchanged.
@@ -258,7 +260,7 @@ def mhc_head(x: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_ba
     hc_fn: [4, 4 * dim] fp32; hc_scale: [1] fp32; hc_base: [4] fp32; contiguous, same device.
     eps: positive finite float added to the sigmoid gate (1e-6).
     norm_eps: positive finite float added to mean(xf^2) before the rsqrt (1e-6).
-    impl: run this implementation ("reference", "triton", "tilelang") or raise.
+    impl: run this implementation ("reference", "triton", "tilelang", "tilelang_ascend") or raise.
     Returns: y [T, dim] bf16 = sum_i pre[:, i] * x[:, i, :], pre = sigmoid(mixes * hc_scale[0] + hc_base)
         + eps with mixes the RMS-scaled projection of mhc_pre; no Sinkhorn.
     Edge cases: T = 0 gives an empty output; an all-zero token gives y = 0.
@@ -281,7 +283,7 @@ def mhc_post_pre(f: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: tor
     f, x, post, comb: the inputs of mhc_post (shapes and dtypes there).
     hc_fn [24, 4 * dim], hc_scale [3], hc_base [24], iters, eps, norm_eps: the site inputs of mhc_pre for
         the next sublayer. All tensors contiguous and on one device. T may be 0.
-    impl: run this implementation ("reference", "triton", "tilelang") or raise.
+    impl: run this implementation ("reference", "triton", "tilelang", "tilelang_ascend") or raise.
     Returns (x_new [T, 4, dim] bf16, y [T, dim] bf16, post_new [T, 4] fp32, comb_new [T, 4, 4] fp32):
         x_new = mhc_post(f, x, post, comb); (y, post_new, comb_new) = mhc_pre(x_new, hc_fn, ...), reading
         x_new after its rounding to bf16, so the result equals the two ops applied in turn.
