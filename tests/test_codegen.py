@@ -248,3 +248,29 @@ def test_a_compile_error_names_its_cause():
         text = codegen._describe(outer)
     assert text == ("RuntimeError: at 27:4: _finish(w, ids, ...)\n"
                     "caused by NameError: Cannot access global variable SUM_EPS from within @jit'ed function")
+
+
+ASCEND_C = """
+extern "C" __global__ __mix__(1, 2) void k(__gm__ float* P) {
+  __cbuf__ uint8_t *buf_dyn_l1 = (__cbuf__ uint8_t *)0;
+  if ASC_IS_AIC {
+    ascend_gemm_l1<64, 256, 32, 256, true, bfloat16_t>(acc, ((__cbuf__ bfloat16_t*)buf_dyn_l1 + 24576), b, 0, 0, 0);
+  }
+  if ASC_IS_AIV {
+    ((__ubuf__ float*)buf_dyn_shmem)[(((int32_t)threadIdx.x) + 8448)] = 0;
+  }
+}
+"""
+
+
+def test_ascend_claim_parsers_on_a_hand_listing():
+    assert codegen.ascend_cube_calls(ASCEND_C) == ["ascend_gemm_l1<64, 256, 32, 256, true, bfloat16_t>"]
+    assert codegen.ascend_cube_calls(ASCEND_C.replace("__mix__(1, 2)", "__vector__")) == []
+    assert codegen.ascend_buffer_extents(ASCEND_C) == {"ub": 8448 * 4, "l1": 24576 * 2, "l0a": 2 * 64 * 256 * 2,
+                                                       "l0b": 2 * 32 * 256 * 2}
+    held = check_claims("ascend-c", ASCEND_C, {}, {"cube_mma": True, "ub_budget": True})
+    assert held["cube_mma"]["ok"] and held["ub_budget"]["ok"], held
+    over = ASCEND_C.replace("+ 8448)]", "+ 52000)]")  # 208000 B of UB > 192 KB
+    assert not check_claims("ascend-c", over, {}, {"ub_budget": True})["ub_budget"]["ok"]
+    assert not check_claims("ascend-c", ASCEND_C, {}, {"cube_mma": False})["cube_mma"]["ok"]
+    assert check_claims("ptx", "", {}, {"cube_mma": True}) == {}
