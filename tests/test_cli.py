@@ -57,6 +57,17 @@ def test_check_table_and_backend_filter():
     assert "0 failed" in r.stdout and "--op NAME" in r.stdout.splitlines()[-1]
 
 
+def test_check_reports_the_ascend_mhc_kernels_as_source_level_codegen():
+    """backends/ascend/README.md: Ascend C source with its claims held, no binary (no bisheng), never run."""
+    r = dsv4k("check", "--json", "--backend", "ascend", "--op", "mhc_sinkhorn")
+    assert r.returncode == 0, r.stdout + r.stderr
+    recs = {(x["level"], x["status"]): x["reason"] for x in map(json.loads, r.stdout.splitlines())
+            if x["impl"] == "tilelang_ascend"}
+    assert "cube_mma=False, ub_budget=True, source_plan=True" in recs[("codegen-source", "pass")]
+    assert "bisheng" in recs[("codegen-binary", "skip")]
+    assert not any(status == "pass" for level, status in recs if level != "codegen-source")
+
+
 def test_check_table_never_shows_a_level_above_one_not_passed():
     from dsv4_kernels.check_report import table
     from dsv4_kernels.ladder import Record
