@@ -193,10 +193,13 @@ def test_910b_and_a3_fall_back_to_the_reference_logged(monkeypatch, caplog, arch
     x, site = _x(3, FLASH), _site(FLASH)
     reason = asc.supports_mhc_pre(x, *site)
     assert reason and "Ascend 950 (dav-3510) only" in reason and arch in reason
+    monkeypatch.setattr(dispatch, "_warned", set())  # the fallback is logged once per kind: start afresh
     with caplog.at_level(logging.WARNING, logger="dsv4_kernels"):
         decision = dispatch.select("mhc_pre", (x, *site))
     assert decision.chosen.name == "reference"
     assert "tilelang_ascend declined" in decision.fallback_reason and "dav-3510" in decision.fallback_reason
+    assert any("falling back to 'reference'" in r.getMessage() and "dav-3510" in r.getMessage()
+               for r in caplog.records), caplog.text
     monkeypatch.setenv("DSV4K_STRICT", "1")
     with pytest.raises(dispatch.FallbackError):
         dispatch.select("mhc_head", (x, *_site(FLASH, rows=4)))
@@ -212,6 +215,10 @@ def test_ascend_950_selects_the_kernels(monkeypatch):
     odd = _x(3, 1536)  # dim % 256 == 0 but not a multiple of the 1024-column Vector tile
     assert "multiple" in asc.supports_mhc_pre(odd, *_site(1536))
     assert dispatch.select("mhc_pre", (odd, *_site(1536))).chosen.name == "reference"
+    big = torch.empty(asc.MAX_TOKENS, 4, 8192, dtype=torch.bfloat16, device="meta")
+    assert "int32" in asc.supports_mhc_pre(big, *(t.to("meta") for t in _site(8192)))
+    many = torch.empty(2**31 // 24 + 1, 24, device="meta")
+    assert "int32" in asc.supports_mhc_sinkhorn(many, *(t.to("meta") for t in site[1:]))
 
 
 def test_registration_and_lazy_imports():

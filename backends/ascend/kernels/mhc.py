@@ -51,7 +51,10 @@ def _shape_reason(x: torch.Tensor) -> str | None:
 
 
 def supports_mhc_sinkhorn(mixes, hc_scale, hc_base, hc_mult=4, iters=20, eps=1e-6):
-    return shared.supports_mhc_sinkhorn(mixes, hc_scale, hc_base, hc_mult, iters, eps) or chip_reason(mixes)
+    reason = shared.supports_mhc_sinkhorn(mixes, hc_scale, hc_base, hc_mult, iters, eps)
+    if reason is None and mixes.shape[0] * MIX >= 2**31:
+        reason = f"the Ascend kernel indexes with int32: T = {mixes.shape[0]} x {MIX} mixes exceed it"
+    return reason or chip_reason(mixes)
 
 
 def supports_mhc_pre(x, hc_fn, hc_scale, hc_base, iters=20, eps=1e-6, norm_eps=1e-6):
