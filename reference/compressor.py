@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .formats import quantize_mxfp4, store_kv_cache_fp8
-from .transforms import apply_rope_interleaved, hadamard_rotate
+from .transforms import apply_rope_interleaved
 
 __all__ = [
     "compressor_init_state",
@@ -22,6 +22,7 @@ __all__ = [
     "indexer_cache_quantize",
     "decode_rows_valid",
     "batched_sequences_valid",
+    "walsh_hadamard_fp32",
 ]
 
 ROPE_DIM = 64
@@ -358,6 +359,34 @@ def compressor_norm_rope(entries: torch.Tensor, norm_weight: torch.Tensor, rope_
     return torch.where(valid[:, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
 
 
+INDEXER_SCALE = torch.tensor(INDEXER_DIM ** -0.5, dtype=torch.float32)   # fp32(128^-0.5), bits 0x3DB504F3
+
+
+def walsh_hadamard_fp32(x: torch.Tensor) -> torch.Tensor:
+    """x @ H in fp32 by the fast Walsh-Hadamard transform, H the Sylvester-order Hadamard matrix
+    (H[i, j] = (-1)^popcount(i & j), unnormalised), in one fixed order of fp32 operations.
+
+    Args:
+        x: [..., n] float tensor, n a power of two (upcast to fp32 first, exactly for bf16).
+    Returns:
+        [..., n] fp32. Stages h = 1, 2, 4, ..., n / 2 in that order; stage h replaces every pair
+        (v[i], v[i + h]) with bit h of i clear by (v[i] + v[i + h], v[i] - v[i + h]), each rounded to fp32.
+        Every output is thus a fixed tree of fp32 additions: any kernel that runs the same stages in the
+        same order (however it distributes the pairs over threads) gives the same bits. Partial sums that
+        overflow become +-inf (and inf - inf NaN), as fp32 arithmetic gives.
+    """
+    v = x.float()
+    n = v.shape[-1]
+    lead = v.shape[:-1]
+    h = 1
+    while h < n:
+        pairs = v.reshape(*lead, n // (2 * h), 2, h)
+        a, b = pairs[..., 0, :], pairs[..., 1, :]
+        v = torch.stack((a + b, a - b), dim=-2).reshape(*lead, n)
+        h *= 2
+    return v
+
+
 def indexer_cache_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Indexer cache form of d = 128 entries: Hadamard rotation (scale 128^-0.5), then MXFP4.
 
@@ -366,8 +395,15 @@ def indexer_cache_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     Returns:
         packed: [n, 64] uint8, two e2m1 codes per byte, low nibble = even index.
         scale: [n, 4] uint8 ue8m0, one per block of 32 rotated values.
-    The rotation runs in fp32 on the bf16 values and is quantised without rounding to bf16 first.
-    n = 0 gives [0, 64] and [0, 4].
+    The rotation runs in fp32 on the bf16 values: walsh_hadamard_fp32 (stages h = 1 .. 64 in that order),
+    then one fp32 multiplication by fp32(128^-0.5); it is quantised without rounding to bf16 first
+    (quantize_mxfp4: scale 2^ceil(log2(max(amax, 1e-4) / 6)) from the fp32 quotient, nearest e2m1 value,
+    ties to even, saturating at 6, IEEE sign bit). This fp32 order is the definition kernels reproduce bit
+    for bit; it differs from the exactly rounded rotation (the fp64 oracle) by a few fp32 ulps, which moves
+    a byte only for a value within those ulps of an e2m1 midpoint or a block amax at 6 * 2^k.
+    A row holding a NaN or an infinity rotates to non-finite values in every block (each output mixes all
+    128 inputs), so all 4 of its scale bytes are 255 (NaN) and all its codes 0. n = 0 gives [0, 64] and
+    [0, 4].
     """
-    rotated = hadamard_rotate(x.float(), scale=INDEXER_DIM ** -0.5)
+    rotated = walsh_hadamard_fp32(x) * INDEXER_SCALE.to(x.device)
     return quantize_mxfp4(rotated, block_size=FP4_BLOCK)

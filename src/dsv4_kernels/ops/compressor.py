@@ -587,9 +587,13 @@ def validate_indexer(x) -> None:
     _checks.shape("x", x, (None, INDEXER_D))
 
 
-dispatch.register(Implementation(
-    OP_INDEXER, "reference", "reference", _ALL_BACKENDS,
-    entry="dsv4_kernels.reference.compressor:indexer_cache_quantize", priority=0))
+# Triton: one program per BLOCK_ROWS rows (kernels/compressor/triton_indexer.py). TileLang: one block of
+# `threads` threads, a warp (32 lanes x 4 values) per row: threads / 32 rows per block; the value of
+# kernels/compressor/tilelang_indexer.py's DEFAULTS (a test keeps them equal), repeated so that registering
+# the op does not import tilelang.
+TILELANG_INDEXER_DEFAULTS = {"threads": 256}
+dispatch.register_family_op(OP_INDEXER, "compressor", triton={"BLOCK_ROWS": 16, "num_warps": 4},
+                            tilelang=TILELANG_INDEXER_DEFAULTS)
 
 
 @_library.custom_op("dsv4::indexer_cache_quantize", mutates_args=())

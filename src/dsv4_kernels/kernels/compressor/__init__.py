@@ -1,10 +1,12 @@
-"""Compressor kernels (SPEC 2): triton.py. This module holds what needs no toolchain: the forms the
-kernels were built for (the `supports_*` guards the dispatcher asks before a launch)."""
+"""Compressor kernels (SPEC 2): triton.py (with triton_prefill.py, triton_indexer.py) and tilelang.py. This
+module holds what needs no toolchain: the forms the kernels were built for (the `supports_*` guards the
+dispatcher asks before a launch)."""
 from __future__ import annotations
 
 import torch
 
-__all__ = ["supports_compressor_decode", "supports_compressor_prefill", "supports_compressor_prefill_batched"]
+__all__ = ["supports_compressor_decode", "supports_compressor_prefill", "supports_compressor_prefill_batched",
+           "supports_indexer_cache_quantize"]
 
 
 def supports_compressor_decode(kv_state, score_state, kv, score, ape, positions, ratio, slot_ids=None,
@@ -58,3 +60,11 @@ def supports_compressor_prefill(kv, score, ape, ratio, norm_weight=None, rope_co
         return f"kv and score must share the dtype fp32 or bf16, got {kv.dtype} and {score.dtype}"
     return (_contiguous(kv=kv, score=score, kv_cache=kv_cache, cache_slots=cache_slots)
             or _fused_fp32(norm_weight, rope_cos, rope_sin))
+
+
+def supports_indexer_cache_quantize(x) -> str | None:
+    """The Triton indexer kernel reads x as contiguous [n, 128] bf16 rows."""
+    if x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[1] != 128 or not x.is_contiguous():
+        return f"x must be a contiguous [n, 128] bf16 tensor, got {x.dtype} {tuple(x.shape)}" + (
+            "" if x.is_contiguous() else " (not contiguous)")
+    return None

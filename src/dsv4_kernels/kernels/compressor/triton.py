@@ -207,3 +207,7 @@ def codegen_compressor_decode(target) -> list:
 # The prefill kernel lives in triton_prefill.py (it shares _norm_rope and _store_kv_fp8 above).
 from dsv4_kernels.kernels.compressor.triton_prefill import (  # noqa: E402, F401
     codegen_compressor_prefill, codegen_compressor_prefill_batched, compressor_prefill, compressor_prefill_batched)
+
+# The indexer cache form (d = 128: Hadamard + MXFP4) lives in triton_indexer.py.
+from dsv4_kernels.kernels.compressor.triton_indexer import (  # noqa: E402, F401
+    codegen_indexer_cache_quantize, indexer_cache_quantize)
