@@ -337,3 +337,7 @@ def codegen_compressor_decode(target) -> list:
 from dsv4_kernels.kernels.compressor.tilelang_prefill import (  # noqa: E402, F401
     codegen_compressor_prefill, codegen_compressor_prefill_batched, compressor_prefill, compressor_prefill_batched,
     supports_compressor_prefill, supports_compressor_prefill_batched)
+
+# The indexer cache form (d = 128: Hadamard + MXFP4) lives in tilelang_indexer.py.
+from dsv4_kernels.kernels.compressor.tilelang_indexer import (  # noqa: E402, F401
+    codegen_indexer_cache_quantize, indexer_cache_quantize, supports_indexer_cache_quantize)
