@@ -29,6 +29,7 @@ from dsv4_kernels.reference.transforms import hadamard, rope_tables
 OP = "indexer_cache_quantize"
 C = ref.INDEXER_SCALE                  # fp32(128^-0.5)
 TARGETS = ("sm_90a", "sm_100a", "gfx942", "gfx950")
+pytestmark = pytest.mark.guard_bands  # outputs between canary bands: a store past the last row fails here
 
 
 def _codes(packed: torch.Tensor) -> torch.Tensor:
