@@ -5,7 +5,9 @@ on the hardware; on the CPU they skip with the reason, the interpreter tests cov
   reference on the same states;
 - a decode step captured in a CUDA graph and replayed on new tokens at new positions (the emission is
   decided on the device);
-- a 64K-token prefill and a ragged batch of chunked prefills continuing from their states.
+- a 64K-token prefill and a ragged batch of chunked prefills continuing from their states;
+- indexer_cache_quantize at V4 entry counts (512, 16K + 7, 64K rows) with NaN / inf / zero / -0 rows, bytes
+  against the reference (the TileLang kernel's only numerics run).
 """
 import pytest
 import torch
@@ -151,3 +153,26 @@ def test_chunked_prefill_of_64_sequences_on_device(impl, device, ratio):
     _compare("compressor_prefill_batched", entries, want)
     for g, w in ((dev[5], args[5]), (dev[6], args[6])):
         assert torch.equal(g.cpu().nan_to_num(neginf=-7), w.nan_to_num(neginf=-7))
+
+
+@pytest.mark.op("indexer_cache_quantize")
+@pytest.mark.parametrize("n", (512, 16384 + 7, 65536), ids=["hca-64k-entries", "csa-64k-entries-tail", "batch-64k"])
+def test_indexer_cache_quantize_on_device(impl, device, n):
+    """V4 entry counts (a 64K-token prefill: 512 ratio-128 or 16K ratio-4 entries; a large batch), normed rows
+    with NaN / inf rows, an all-zero row and -0 mixed in, against the reference bytes. The TileLang kernel's
+    numerics run only here (it does not run on the CPU)."""
+    _device_only(device)
+    gen = torch.Generator().manual_seed(n)
+    cos, sin = rope_tables(torch.arange(4096))
+    x = ref.compressor_norm_rope(0.3 * torch.randn(n, 128, generator=gen), 1.0 + 0.2 * torch.randn(128, generator=gen),
+                                 cos, sin, torch.randint(0, 4096, (n,), generator=gen))
+    x[1] = 0.0
+    x[2] = -0.0
+    x[3, 5] = float("nan")
+    x[4, 9] = float("inf")
+    x[n - 1] *= 2.0 ** 12
+    packed, scale = dk.indexer_cache_quantize(x.to(device), impl=impl)
+    want_packed, want_scale = ref.indexer_cache_quantize(x)
+    assert torch.equal(scale.cpu(), want_scale)
+    assert torch.equal(packed.cpu(), want_packed)
+    assert bool((scale[3:5].cpu() == 255).all())

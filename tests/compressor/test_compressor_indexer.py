@@ -13,6 +13,8 @@ every implementation, beyond the op tests of test_compressor_ops.py:
 - TileLang codegen claims (all four targets, from the session's `codegen_results`). TileLang GPU kernels
   do not run on the CPU: their numerics are the device test of test_compressor_device.py.
 """
+import math
+
 import pytest
 import torch
 
@@ -23,7 +25,7 @@ from dsv4_kernels.kernels import compressor as shared
 from dsv4_kernels.ops import compressor as ops
 from dsv4_kernels.oracles import compressor as oracle
 from dsv4_kernels.reference import compressor as ref
-from dsv4_kernels.reference.formats import FP4_VALUES, dequantize_mxfp4
+from dsv4_kernels.reference.formats import FP4_VALUES, dequantize_mxfp4, quantize_mxfp4
 from dsv4_kernels.reference.transforms import hadamard, rope_tables
 
 OP = "indexer_cache_quantize"
@@ -82,6 +84,42 @@ TIES = [(0.25, 4.5, 0, 127), (1.25, 4.5, 2, 127), (1.75, 4.5, 4, 127), (2.5, 4.5
 BOUNDARY = [(6.0 - 2**-21, 2.0, 7, 127), (6.0 + 2**-21, 2.0, 5, 128), (-(6.0 + 2**-21) * 2**-3, 2.0 * 2**-3, 13, 125)]
 
 
+# Other stage orders a kernel could run by mistake: the same math, other fp32 roundings.
+# (reversed, h = 64 first, the last two swapped; these rows do not tell every permutation apart, e.g. not
+# stages 1 and 2 swapped, whose pairs stay exact on them)
+ALT_ORDERS = ((64, 32, 16, 8, 4, 2, 1), (64, 1, 2, 4, 8, 16, 32), (1, 2, 4, 8, 16, 64, 32))
+PERTURBED = [5, 6, 7, 64, 97]
+
+
+def _rotated_in_order(x: torch.Tensor, stages) -> torch.Tensor:
+    v = x.float()
+    for h in stages:
+        pairs = v.reshape(-1, 128 // (2 * h), 2, h)
+        v = torch.stack((pairs[:, :, 0] + pairs[:, :, 1], pairs[:, :, 0] - pairs[:, :, 1]), dim=2).reshape(-1, 128)
+    return v * C
+
+
+def _order_sensitive_rows(gen: torch.Generator) -> list[tuple[torch.Tensor, float, int]]:
+    """For each order of ALT_ORDERS a row whose rotated value 0 is exactly an e2m1 midpoint in the reference's
+    order and one fp32 ulp off it (so another code) in that order: a midpoint row (_row_hitting) plus
+    perturbations about one ulp of the sum on indices PERTURBED, whose roundings depend on the order (an
+    index past 64 too: on rows within [0, 64) the stage h = 64 adds zeros, exactly, wherever it runs).
+    Returns (row, midpoint, expected code, the code in the other order)."""
+    out = []
+    for stages, (target, code, down) in zip(ALT_ORDERS, ((1.25, 2, True), (0.25, 0, True), (3.5, 6, False))):
+        base = _row_hitting(target, 4.5)
+        ulp = 2.0 ** (math.frexp(target / float(C))[1] - 24)
+        rows = base.repeat(512, 1)
+        rows[:, PERTURBED] = (torch.randn(512, len(PERTURBED), generator=gen, dtype=torch.float64) * ulp).to(torch.bfloat16)
+        on_tie = _rotated(rows)[:, 0] == target
+        other = _rotated_in_order(rows, stages)[:, 0]
+        moved = other > target if down else other < target        # off the tie, to the side it does not round to
+        pick = (on_tie & moved).nonzero()
+        assert len(pick), f"no row tells order {stages} from the reference's"
+        out.append((rows[int(pick[0])], target, code, code + 1 if down else code - 1))
+    return out
+
+
 def _special_rows(gen: torch.Generator) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
     """Rows that hit the rules, and (row, expected code at index 0, expected scale byte of block 0)."""
     normed = _normed(4, gen)
@@ -101,6 +139,9 @@ def _special_rows(gen: torch.Generator) -> tuple[torch.Tensor, list[tuple[int, i
     for target, big, code, byte in TIES + BOUNDARY:
         expect.append((len(rows), code, byte))
         rows.append(_row_hitting(target, big))
+    for row, _, code, _ in _order_sensitive_rows(gen):
+        expect.append((len(rows), code, 127))
+        rows.append(row)
     return torch.stack(rows), expect
 
 
@@ -169,6 +210,15 @@ def test_nonfinite_rows_give_the_nan_form(impl, device):
     assert bool((scale[3:9] == 255).all()) and bool((packed[3:9] == 0).all())
     assert bool((scale[:3] != 255).all()) and bool((scale[9:] != 255).all())
     assert bool(dequantize_mxfp4(packed, scale)[3:9].isnan().all())
+
+
+def test_order_sensitive_rows_tell_the_stage_order():
+    """The byte tests hold rows on which another stage order gives another code (so a kernel that runs the
+    stages in another order fails them, not only one that computes another transform)."""
+    for (row, target, code, moved), stages in zip(_order_sensitive_rows(torch.Generator().manual_seed(6)), ALT_ORDERS):
+        want = _codes(ref.indexer_cache_quantize(row[None])[0])[0, 0]
+        other = _codes(quantize_mxfp4(_rotated_in_order(row[None], stages), 32)[0])[0, 0]
+        assert int(want) == code and int(other) == moved, (stages, int(want), int(other))
 
 
 def test_reference_order_against_the_exact_rotation():

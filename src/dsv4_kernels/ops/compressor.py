@@ -611,13 +611,19 @@ def indexer_cache_quantize(x: torch.Tensor, *, impl: str | None = None) -> tuple
     """The indexer's cache form of d = 128 entries (SPEC 2): Hadamard rotation (scale 128^-0.5), then MXFP4.
 
     x: [n, 128] bf16, the indexer compressor's normed, RoPE'd entries (compressor_norm_rope output).
-    impl: run this implementation (only "reference" exists yet) or raise.
+    impl: run this implementation ("reference", "triton", "tilelang"; default: the dispatcher's choice) or raise.
     Returns (packed, scale):
         packed: [n, 64] uint8, two e2m1 codes per byte, low nibble = even index.
         scale: [n, 4] uint8 ue8m0 bytes, 2^ceil(log2(max(amax, 1e-4) / 6)) per block of 32 rotated values.
-    The rotation runs in fp32 on the bf16 values and is quantised without a bf16 rounding in between;
-    values round to the nearest e2m1 magnitude, ties to the even code, saturating at 6; the sign bit is
-    the IEEE sign (-0 gives code 8). n = 0 gives [0, 64] and [0, 4].
+    The rotation runs in fp32 on the bf16 values, in one fixed order that every implementation reproduces
+    bit for bit (reference/compressor.py: walsh_hadamard_fp32, the fast Walsh-Hadamard transform with
+    stages h = 1, 2, ..., 64, then one multiplication by fp32(128^-0.5)), and is quantised without a bf16
+    rounding in between; values round to the nearest e2m1 magnitude, ties to the even code, saturating at
+    6; the sign bit is the IEEE sign (-0 gives code 8). The bytes are exact in every implementation. The
+    exactly rounded rotation (the fp64 oracle) differs from this order by a few fp32 ulps, which moves a
+    byte only for a value within those ulps of an e2m1 midpoint or a block amax at 6 * 2^k.
+    A row holding a NaN or an infinity (or whose rotation overflows fp32) gets scale byte 255 (NaN) in all
+    4 blocks and codes 0: every rotated value mixes all 128 inputs. n = 0 gives [0, 64] and [0, 4].
     Raises ValueError for a wrong dtype, shape or layout, before any launch.
     """
     known = _indexer_cache_quantize_op.known((x,), impl)
@@ -667,10 +673,11 @@ def _assert_bf16_entries(out: torch.Tensor, expected: torch.Tensor, what: str) -
 def _compare(out: torch.Tensor, expected: torch.Tensor) -> None:
     """One rule per output kind:
     - bool (emitted) and uint8 (the indexer's FP4 codes and ue8m0 scales): exact. emitted is integer
-      arithmetic. The bytes are a step function of the rotated fp32 values; an implementation that
-      rotates in fp32 differs from the reference (exact sum, one rounding) by a few fp32 ulps, which
-      moves a code or a scale only when a value sits within those ulps of an e2m1 midpoint or a block
-      amax of 6 * 2^k (about 1e-6 per value for realistic data): exact is the right check.
+      arithmetic. The indexer's rotation is defined in fp32 in one order (walsh_hadamard_fp32) that the
+      kernels reproduce, so their bytes equal the reference's. The fp64 oracle rotates exactly and rounds
+      once, a few fp32 ulps away, which moves a code or a scale only when a value sits within those ulps
+      of an e2m1 midpoint or a block amax of 6 * 2^k (none in 25.6M codes of order-1 rows): exact is the
+      right check there too.
     - bf16 entries (fused form, compressor_norm_rope): two bf16 ulps (SPEC 6), see _assert_bf16_entries.
     - fp32 entries: SPEC 6 pooling tolerance, atol 2e-5 + rtol 1e-4: kernels pool in fp32 with their own
       reduction order and exp; the reference pools in fp64 and rounds once.
