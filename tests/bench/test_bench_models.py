@@ -98,6 +98,9 @@ def test_compressor_models_by_hand():
     # Decode B = 2, ratio 4, d = 128, both emit: slot reads 2 x [8, 256] x 2 and the 4-row shift.
     assert compressor.decode_bytes(2, 4, 128, 2) == (4096 + 2048 + 16) + (4096 + 32768 + 16384) + (1024 + 2)
     assert compressor.decode_flops(2, 4, 128, 0) == 2 * 256
+    # Indexer cache form: 128 bf16 values read, 64 packed code bytes and 4 scale bytes written per row.
+    assert compressor.indexer_bytes(3) == 3 * (256 + 68)
+    assert compressor.indexer_flops(3) == 3 * 128 * 8
     assert compressor.norm_rope_bytes(3, 512) == 6144 + 2048 + 3 * 256 + 3 * 8 + 3 * 512 * 2
     assert compressor.norm_rope_flops(3, 512) == 3 * (4 * 512 + 194)
     assert compressor.indexer_bytes(5) == 5 * 256 + 5 * 64 + 5 * 4

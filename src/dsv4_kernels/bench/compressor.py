@@ -6,6 +6,8 @@ V4-Flash and V4-Pro share every compressor shape (d = 512 attention and d = 128 
 4 and 128), so the cases are labelled "v4". Prefill: one sequence of S tokens from position 0, plain
 (fp32 entries) and, for d = 512, the fused form (RMSNorm + RoPE + FP8 cache store). Decode: B sequences,
 one token each, either every row completing a block ("emit", the heavy step) or none ("store").
+The entry ops (norm-rope, indexer store) run the entries of a decode step (n = B) or of a prefill's CSA
+entries (n = S // 4), and the indexer store also the CSA entries of 4 longest prefills in one call.
 
 Byte model (W = coff * d; coff = 2 for ratio 4, 1 for ratio 128; n = S // ratio entries; R = pooled
 rows per entry, 8 for ratio 4, 128 for ratio 128):
@@ -44,6 +46,7 @@ CACHE_D = 512
 INDEXER_D = 128
 ROPE_PAIRS = 32
 CACHE_BLOCK = 64
+INDEXER_BATCH = 4          # prefills whose indexer entries one large-batch case stores
 NORM_ROPE_FLOPS = 194     # per entry beyond 4 d: mean + rsqrt (2) and 32 RoPE pairs of 6
 
 
@@ -113,6 +116,7 @@ def decode_flops(batch: int, ratio: int, d: int, emitting: int, norm_rope: bool 
 
 
 def indexer_bytes(n: int, d: int = INDEXER_D) -> int:
+    """Per row: d bf16 values read (256 B), d / 2 packed code bytes and d / 32 scale bytes written (68 B)."""
     return n * d * 2 + n * d // 2 + n * d // 32
 
 
@@ -280,6 +284,14 @@ def _entry_cases(grid: Grid) -> list[Case]:
                 flops = indexer_flops(n, d) if quantize else norm_rope_flops(n, d)
                 out.append(Case(op, FAMILY, label, "v4", phase, n, variant, shape, bytes=nbytes, flops=flops,
                                 compute="none", make_inputs=_entries_inputs(n, d, quantize, seed_of(op, label))))
+    # the indexer store of a large batch: the CSA entries of INDEXER_BATCH prefills of the longest length in
+    # one call (65536 rows on the full grid), where the kernel runs at full bandwidth
+    n = INDEXER_BATCH * max(grid.prefill_tokens) // 4
+    label = f"v4-prefill-batch{INDEXER_BATCH}-d{INDEXER_D}-n{n}"
+    op = "indexer_cache_quantize"
+    out.append(Case(op, FAMILY, label, "v4", "prefill", n, f"d{INDEXER_D}", {"n": n, "d": INDEXER_D},
+                    bytes=indexer_bytes(n), flops=indexer_flops(n), compute="none",
+                    make_inputs=_entries_inputs(n, INDEXER_D, True, seed_of(op, label))))
     return out
 
 
