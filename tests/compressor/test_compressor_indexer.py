@@ -146,8 +146,9 @@ def _special_rows(gen: torch.Generator) -> tuple[torch.Tensor, list[tuple[int, i
 
 
 def _nonfinite_rows(gen: torch.Generator) -> torch.Tensor:
-    """Rows whose rotation is non-finite everywhere: a NaN, +inf, -inf, inf and -inf (NaN), and two finite
-    values whose fp32 sum overflows (3e38 + 3e38)."""
+    """Rows whose rotation is non-finite: a NaN, +inf, -inf, inf and -inf (NaN), two finite values whose fp32
+    sum overflows (3e38 + 3e38), all NaN (everywhere non-finite); and 3e38 - (-3e38), non-finite in every
+    block but only at the indices with bit 4 set (a block's flag must come from all 32 of its values)."""
     rows = _normed(5, gen).repeat(2, 1)[:6]
     rows[0, 17] = float("nan")
     rows[1, 100] = float("inf")
@@ -155,7 +156,9 @@ def _nonfinite_rows(gen: torch.Generator) -> torch.Tensor:
     rows[3, 5], rows[3, 77] = float("inf"), float("-inf")
     rows[4, 0], rows[4, 1] = 3e38, 3e38
     rows[5, :] = float("nan")
-    return rows
+    partial = torch.zeros(1, 128, dtype=torch.bfloat16)     # overflow at the indices with bit 4 set only: the
+    partial[0, 0], partial[0, 16] = 3e38, -3e38               # first half of each block stays finite
+    return torch.cat((rows, partial))
 
 
 def _check(impl, device, x):
@@ -207,9 +210,9 @@ def test_nonfinite_rows_give_the_nan_form(impl, device):
     bad = _nonfinite_rows(gen)
     x = torch.cat((_normed(3, gen), bad, _normed(2, gen)))
     packed, scale = _check(impl, device, x)
-    assert bool((scale[3:9] == 255).all()) and bool((packed[3:9] == 0).all())
-    assert bool((scale[:3] != 255).all()) and bool((scale[9:] != 255).all())
-    assert bool(dequantize_mxfp4(packed, scale)[3:9].isnan().all())
+    assert bool((scale[3:10] == 255).all()) and bool((packed[3:10] == 0).all())
+    assert bool((scale[:3] != 255).all()) and bool((scale[10:] != 255).all())
+    assert bool(dequantize_mxfp4(packed, scale)[3:10].isnan().all())
 
 
 def test_order_sensitive_rows_tell_the_stage_order():
