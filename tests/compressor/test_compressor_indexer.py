@@ -20,7 +20,6 @@ import torch
 
 from dsv4_kernels import dispatch
 from dsv4_kernels.backends import find_target
-from dsv4_kernels.codegen import Artifact
 from dsv4_kernels.kernels import compressor as shared
 from dsv4_kernels.ops import compressor as ops
 from dsv4_kernels.oracles import compressor as oracle
@@ -310,18 +309,13 @@ def test_default_choice_is_the_triton_kernel_on_cpu():
 
 @pytest.mark.codegen
 @pytest.mark.parametrize("target", TARGETS)
-def test_tilelang_codegen(target, codegen_results, request):
+def test_tilelang_codegen(target, codegen_artifacts):
     """One kernel per target: symbolic n, 8-byte bf16 loads, 2-byte packed stores, 32-lane xor shuffles
     (5 butterfly stages and 3 amax steps, each on 4 values or one), no division, no fast math; the cubin
     without local memory."""
     pytest.importorskip("tilelang", reason="tilelang is not installed (pip install 'dsv4-kernels[cuda]')")
     backend = find_target(target).backend
-    if request.config.getoption("--backend") not in ("cpu", backend):
-        pytest.skip(f"--backend={request.config.getoption('--backend')} compiles only that vendor's targets")
-    result = codegen_results.get((OP, "tilelang", target))
-    assert result is not None, f"{OP}/tilelang is not registered for {target}"
-    assert result["ok"], result.get("error")
-    (art,) = [Artifact.from_json(a) for a in result["artifacts"]]
+    (art,) = codegen_artifacts(OP, "tilelang", target)
     text = art.text
     assert art.label == "d128-threads256" and text.count("__global__ void __launch_bounds__(256") == 1
     assert "int n)" in text, "n is not a kernel argument"
