@@ -143,8 +143,13 @@ def index_rules(indices: torch.Tensor, topk_length: torch.Tensor | None, num_row
 # the interpreter's cost is per step, not per element).
 TRITON_DEFAULTS = {"H_BLOCK": 32, "BLOCK_N": 16, "INTERPRET_BLOCK_N": 64, "PROGRAMS": 0, "MAX_SPLITS": 32,
                    "MERGE_H": 16, "MERGE_WARPS": 4, "num_warps": 8, "num_stages": 2}
-dispatch.register_family_op(OP, "sparse_mqa", triton=TRITON_DEFAULTS)
-dispatch.register_family_op(OP_FP8, "sparse_mqa", triton=TRITON_DEFAULTS)
+# TileLang (kernels/sparse_mqa/tilelang.py): H_TILE heads (the tensor-core M of one warpgroup) x BLOCK_N
+# gathered rows per step in shared memory, `threads` per block; splits as for Triton (PROGRAMS, MAX_SPLITS).
+# H_TILE 64 x BLOCK_N 64 at 256 threads: 146 KB of shared memory (bf16 pool) and 184 KB (FP8) on sm_90a /
+# sm_100a, no spills; on gfx942 / gfx950 the kernel halves BLOCK_N, then H_TILE, to fit the LDS (tiles()).
+TILELANG_DEFAULTS = {"H_TILE": 64, "BLOCK_N": 64, "threads": 256, "PROGRAMS": 0, "MAX_SPLITS": 32}
+dispatch.register_family_op(OP, "sparse_mqa", triton=TRITON_DEFAULTS, tilelang=TILELANG_DEFAULTS)
+dispatch.register_family_op(OP_FP8, "sparse_mqa", triton=TRITON_DEFAULTS, tilelang=TILELANG_DEFAULTS)
 
 
 @_library.custom_op("dsv4::sparse_mqa", mutates_args=())
