@@ -103,8 +103,8 @@ def make_attend_kernel(fp8: bool, two: bool, has_len: bool, has_len2: bool, spli
     if h_tile % 16 or not 16 <= h_tile <= 128 or block_n % 16 or not 16 <= block_n <= 128:
         raise ValueError(f"attend kernel: H_TILE and BLOCK_N must be multiples of 16 in [16, 128], got {h_tile}, "
                          f"{block_n}")
-    if threads % 128 or not 128 <= threads <= 512:
-        raise ValueError(f"attend kernel: threads must be 128, 256, 384 or 512, got {threads}")
+    if threads % 64 or not 64 <= threads <= 512:
+        raise ValueError(f"attend kernel: threads must be a multiple of 64 in [64, 512], got {threads}")
     if block_size < 1:
         raise ValueError(f"attend kernel: block_size must be >= 1, got {block_size}")
     D, HT, BN, BS = D_MODEL, h_tile, block_n, block_size
@@ -209,13 +209,15 @@ def make_attend_kernel(fp8: bool, two: bool, has_len: bool, has_len2: bool, spli
             blocks1 = T.ceildiv(K1, BN)
             b0 = sp * bps
             b1 = T.min(b0 + bps, blocks1 + (T.ceildiv(K2, BN) if two else 0))
-            for b in T.serial(b0, T.min(b1, blocks1)):
-                gather(C1, stride1, rows1, IDX1, LEN1, K1, b, t, idx_s, base_s, words_s, kv_s)
+            for b in T.serial(b0, b1):  # two caches: the second list's blocks after the first's, one softmax
+                if two:
+                    if b < blocks1:
+                        gather(C1, stride1, rows1, IDX1, LEN1, K1, b, t, idx_s, base_s, words_s, kv_s)
+                    else:
+                        gather(C2, stride2, rows2, IDX2, LEN2, K2, b - blocks1, t, idx_s, base_s, words_s, kv_s)
+                else:
+                    gather(C1, stride1, rows1, IDX1, LEN1, K1, b, t, idx_s, base_s, words_s, kv_s)
                 step(q_s, kv_s, idx_s, ph_s, pl_s, acc_s, acc_o, m, m_blk, l, l_blk, alpha, scale)
-            if two:  # the second list's blocks, after the first's: one softmax over both
-                for b in T.serial(T.max(b0, blocks1), b1):
-                    gather(C2, stride2, rows2, IDX2, LEN2, K2, b - blocks1, t, idx_s, base_s, words_s, kv_s)
-                    step(q_s, kv_s, idx_s, ph_s, pl_s, acc_s, acc_o, m, m_blk, l, l_blk, alpha, scale)
             if split:  # this split's partial result: WS[t, sp, h] = [O | m | l]
                 for h, d in T.Parallel(HT, D):
                     if h0 + h < H:
@@ -338,16 +340,22 @@ def shared_bytes(fp8: bool, h_tile: int, block_n: int) -> int:
     return total
 
 
-def tiles(cfg: dict, fp8: bool, arch: str) -> tuple[int, int]:
-    """(H_TILE, BLOCK_N) of the config on `arch` ("cuda", "gfx942", "gfx950"): the configured tile, with
-    BLOCK_N halved (down to 16), then H_TILE halved (down to 16), until the buffers fit its shared memory."""
-    h_tile, block_n = cfg["H_TILE"], cfg["BLOCK_N"]
+def tiles(cfg: dict, fp8: bool, arch: str) -> tuple[int, int, int]:
+    """(H_TILE, BLOCK_N, threads) of the config on `arch` ("cuda", "gfx942", "gfx950"): the configured tile,
+    with BLOCK_N halved down to 32, then H_TILE halved down to 16, then BLOCK_N down to 16, until the buffers
+    fit the shared memory; on AMD the threads are then cut (in 64-lane waves) so that every wave holds at
+    least one 16 x 16 MFMA tile of S [H_TILE, BLOCK_N]. CUDA keeps the config (wgmma: warpgroups of 128)."""
+    h_tile, block_n, threads = cfg["H_TILE"], cfg["BLOCK_N"], cfg["threads"]
     limit = SHARED_LIMIT.get(arch, SHARED_LIMIT["gfx942"])
-    while shared_bytes(fp8, h_tile, block_n) > limit and block_n > 16:
+    while shared_bytes(fp8, h_tile, block_n) > limit and block_n > 32:
         block_n //= 2
     while shared_bytes(fp8, h_tile, block_n) > limit and h_tile > 16:
         h_tile //= 2
-    return h_tile, block_n
+    while shared_bytes(fp8, h_tile, block_n) > limit and block_n > 16:
+        block_n //= 2
+    if arch != "cuda":
+        threads = max(64, min(threads, 64 * (h_tile // 16) * (block_n // 16)))
+    return h_tile, block_n, threads
 
 
 def plan(T_: int, H: int, blocks: int, h_tile: int, cfg: dict, multiprocessors: int) -> tuple[int, int, int]:
@@ -412,7 +420,7 @@ def _launch(op, q, attn_sink, softmax_scale, lists, fp8, block_size, pool=None):
         return out.zero_(), lse.fill_(float("inf"))
     cfg = dispatch.config(dispatch.get(op, "tilelang"), platform.device_info(q))
     arch = _arch(q)
-    h_tile, block_n = tiles(cfg, fp8, arch)
+    h_tile, block_n, threads = tiles(cfg, fp8, arch)
     blocks = sum(-(-max(1, lst[3].shape[1]) // block_n) for lst in lists)
     mps = _multiprocessors(q.device.index or 0)
     groups, splits, per_split = plan(T_, H, blocks, h_tile, cfg, mps)
@@ -420,7 +428,7 @@ def _launch(op, q, attn_sink, softmax_scale, lists, fp8, block_size, pool=None):
     has_len = lists[0][4] is not None
     has_len2 = two and lists[1][4] is not None
     target = "hip" if arch != "cuda" else "cuda"
-    kernel = _attend(target, fp8, two, has_len, has_len2, splits > 1, h_tile, block_n, cfg["threads"], block_size)
+    kernel = _attend(target, fp8, two, has_len, has_len2, splits > 1, h_tile, block_n, threads, block_size)
     ws = (torch.empty((T_, splits, H, WS_COLS), dtype=torch.float32, device=q.device) if splits > 1
           else torch.empty((1, 1, 1, WS_COLS), dtype=torch.float32, device=q.device))
     scale = D ** -0.5 if softmax_scale is None else float(softmax_scale)
@@ -504,9 +512,9 @@ def _codegen_arch(target) -> str:
 def _attend_spec(op: str, fp8: bool, two: bool, target, label: str):
     from dsv4_kernels.codegen import TileLangKernel
     cfg = dispatch.get(op, "tilelang").defaults
-    h_tile, block_n = tiles(cfg, fp8, _codegen_arch(target))
-    return TileLangKernel(make_attend_kernel(fp8, two, True, two, True, h_tile, block_n, cfg["threads"]),
-                          label=f"{label}-h{h_tile}-n{block_n}")
+    h_tile, block_n, threads = tiles(cfg, fp8, _codegen_arch(target))
+    return TileLangKernel(make_attend_kernel(fp8, two, True, two, True, h_tile, block_n, threads),
+                          label=f"{label}-h{h_tile}-n{block_n}-t{threads}")
 
 
 def codegen_sparse_mqa(target) -> list:
