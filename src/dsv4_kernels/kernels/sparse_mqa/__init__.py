@@ -1,5 +1,5 @@
-"""Sparse MQA kernels (SPEC 1, 1.2, 1.3): triton.py, one source for the bf16 pool and the FP8 paged
-cache (one or two caches), decode and prefill. README.md has the design.
+"""Sparse MQA kernels (SPEC 1, 1.2, 1.3): triton.py and tilelang.py, each one source for the bf16 pool
+and the FP8 paged cache (one or two caches), decode and prefill. README.md has the design.
 
 This module holds what needs no toolchain: the forms the kernels were built for (the `supports_*`
 guards the dispatcher asks before a launch). The public ops have already checked dtypes, shapes, head

@@ -27,9 +27,9 @@ each gathered row once per query token and V4-Pro (H = 128) in two blocks side b
 the fastest grid dimension: the second read comes from L2). A block of all 128 heads would hold a
 [128, 512] fp32 accumulator, 256 registers per thread at 256 threads: it does not fit a multiprocessor.
 
-H, T, K, K2, N, the page counts and strides, block_size, the scale and the split plan are run-time, so
-one compile per form (FP8, two caches, lengths, split) serves every shape; nothing is read back to the
-host (CUDA-graph capturable). Cache byte offsets are int64.
+H, T, K, K2, N, the page counts and strides, the scale and the split plan are run-time, so one compile
+per form (FP8, two caches, lengths, split, tile, block_size) serves every shape; nothing is read back to
+the host (CUDA-graph capturable). Cache offsets are int64. On AMD the tile shrinks to the LDS (tiles()).
 """
 
 import functools
@@ -94,10 +94,11 @@ def _byte(word, k):
 def make_attend_kernel(fp8: bool, two: bool, has_len: bool, has_len2: bool, split: bool, h_tile: int,
                        block_n: int, threads: int, block_size: int = 64):
     """attend_kernel of one form (module docstring). Arguments, in order: Q [n, H, 512] bf16; the pool KV
-    [N, 512] bf16, or (fp8) KC [L] uint8 (the cache's bytes from its first page on), its page stride
-    (int64) and row count (int32); IDX [n, K] int32; LEN [n] int32 (has_len); two: KC2 [L2] uint8, stride2,
-    rows2, IDX2 [n, K2], LEN2 [n] (has_len2); SINK [H] fp32; OUT [n, H, 512] bf16; LSE [n, H] fp32; WS
-    [n, S, H, 514] fp32 (split); then block_size (fp8), the scale (fp32) and bps, blocks per split."""
+    [N, 512] bf16, or (fp8) KC [L] int32 (the cache's bytes from its first page on as words), its page
+    stride in bytes (int64) and row count (int32); IDX [n, K] int32; LEN [n] int32 (read with has_len); two:
+    KC2, stride2, rows2, IDX2 [n, K2], LEN2 [n]; SINK [H] fp32; OUT [n, H, 512] bf16; LSE [n, H] fp32; WS
+    [n, S, H, 514] fp32 (split; a 1-row dummy otherwise); the scale (fp32), bps (blocks per split) and
+    nsplit (the grid's split count)."""
     if two and not fp8:
         raise ValueError("attend kernel: two caches are an FP8 form (SPEC 1.3)")
     if h_tile % 16 or not 16 <= h_tile <= 128 or block_n % 16 or not 16 <= block_n <= 128:
