@@ -328,7 +328,7 @@ def make_merge_kernel():
 # ---------------------------------------------------------------------------------------------- host side
 
 # Shared memory per block the tile plan may use: H200 / B200 (227 KB opt-in), gfx950 (160 KB LDS), gfx942 (64 KB).
-SHARED_LIMIT = {"cuda": 227 * 1024, "gfx950": 160 * 1024, "gfx942": 64 * 1024}
+SHARED_LIMIT = {"sm_90a": 227 * 1024, "sm_100a": 227 * 1024, "gfx950": 160 * 1024, "gfx942": 64 * 1024}
 INT32_MAX = 2**31 - 1
 
 
@@ -342,11 +342,15 @@ def shared_bytes(fp8: bool, h_tile: int, block_n: int) -> int:
 
 
 def tiles(cfg: dict, fp8: bool, arch: str) -> tuple[int, int, int]:
-    """(H_TILE, BLOCK_N, threads) of the config on `arch` ("cuda", "gfx942", "gfx950"): the configured tile,
-    with BLOCK_N halved down to 32, then H_TILE halved down to 16, then BLOCK_N down to 16, until the buffers
-    fit the shared memory; on AMD the threads are then cut (in 64-lane waves) so that every wave holds at
-    least one 16 x 16 MFMA tile of S [H_TILE, BLOCK_N]. CUDA keeps the config (wgmma: warpgroups of 128)."""
+    """(H_TILE, BLOCK_N, threads) of the config on `arch` (a key of SHARED_LIMIT): the configured tile, with
+    BLOCK_N halved down to 32, then H_TILE halved down to 16, then BLOCK_N down to 16, until the buffers fit
+    the shared memory; on AMD the threads are then cut (in 64-lane waves) so that every wave holds at least
+    one 16 x 16 MFMA tile of S [H_TILE, BLOCK_N]. CUDA keeps the threads (wgmma: warpgroups of 128). On
+    sm_100a TileLang 0.1.15 lowers T.gemm to mma.sync (no tcgen05 here): the FP8 form at BLOCK_N 64 spills
+    there (255 registers + 32 bytes of stack), at 32 it does not, so FP8 takes BLOCK_N <= 32 on sm_100a."""
     h_tile, block_n, threads = cfg["H_TILE"], cfg["BLOCK_N"], cfg["threads"]
+    if fp8 and arch == "sm_100a":
+        block_n = min(block_n, 32)
     limit = SHARED_LIMIT.get(arch, SHARED_LIMIT["gfx942"])
     while shared_bytes(fp8, h_tile, block_n) > limit and block_n > 32:
         block_n //= 2
@@ -354,7 +358,7 @@ def tiles(cfg: dict, fp8: bool, arch: str) -> tuple[int, int, int]:
         h_tile //= 2
     while shared_bytes(fp8, h_tile, block_n) > limit and block_n > 16:
         block_n //= 2
-    if arch != "cuda":
+    if not arch.startswith("sm"):
         threads = max(64, min(threads, 64 * (h_tile // 16) * (block_n // 16)))
     return h_tile, block_n, threads
 
@@ -385,11 +389,16 @@ def _multiprocessors(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+@functools.lru_cache(maxsize=16)
+def _device_arch(index: int, rocm: bool) -> str:
+    props = torch.cuda.get_device_properties(index)
+    if rocm:
+        return "gfx950" if getattr(props, "gcnArchName", "").startswith("gfx950") else "gfx942"
+    return "sm_100a" if props.major >= 10 else "sm_90a"
+
+
 def _arch(t: torch.Tensor) -> str:
-    if platform.backend_of(t) != "rocm":
-        return "cuda"
-    name = getattr(torch.cuda.get_device_properties(t.device.index or 0), "gcnArchName", "")
-    return "gfx950" if name.startswith("gfx950") else "gfx942"
+    return _device_arch(t.device.index or 0, platform.backend_of(t) == "rocm")
 
 
 def _words(cache: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -428,7 +437,7 @@ def _launch(op, q, attn_sink, softmax_scale, lists, fp8, block_size, pool=None):
     two = len(lists) == 2
     has_len = lists[0][4] is not None
     has_len2 = two and lists[1][4] is not None
-    target = "hip" if arch != "cuda" else "cuda"
+    target = "cuda" if arch.startswith("sm") else "hip"
     kernel = _attend(target, fp8, two, has_len, has_len2, splits > 1, h_tile, block_n, threads, block_size)
     ws = (torch.empty((T_, splits, H, WS_COLS), dtype=torch.float32, device=q.device) if splits > 1
           else torch.empty((1, 1, 1, WS_COLS), dtype=torch.float32, device=q.device))
@@ -507,7 +516,7 @@ def supports_sparse_mqa_fp8(q, kv_cache, indices, attn_sink, softmax_scale=None,
 
 
 def _codegen_arch(target) -> str:
-    return "cuda" if target.backend == "cuda" else ("gfx950" if "gfx950" in target.name else "gfx942")
+    return target.name if target.name in SHARED_LIMIT else ("sm_90a" if target.backend == "cuda" else "gfx942")
 
 
 def _attend_spec(op: str, fp8: bool, two: bool, target, label: str):
