@@ -125,7 +125,8 @@ def test_two_caches_batch64(impl, device, H):
     win = (torch.arange(T)[:, None] * 128 + torch.arange(128)[None, :]).to(torch.int32)
     win[5, 40:] = -1
     win[9] = -1
-    comp = torch.stack([torch.randperm(capacity, generator=gen)[:topk] + t * capacity for t in range(T)]).to(torch.int32)
+    comp = torch.stack([torch.randperm(capacity, generator=gen)[:topk] + t * capacity for t in range(T)])
+    comp = comp.to(torch.int32)
     comp[9] = -1                                                       # row 9: nothing valid in either list
     comp[11, 0] = T * capacity + 2                                     # past the compressed cache
     len2 = torch.full((T,), topk, dtype=torch.int32)

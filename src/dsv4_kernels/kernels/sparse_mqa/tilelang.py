@@ -11,8 +11,9 @@ block of entries:
    min(max(topk_length[t], 0), K) or outside [0, rows): such an entry reads nothing (guarded loads, never
    wrapped) and its logits are -inf;
 2. the BLOCK_N rows are gathered once into shared memory as bf16 [BLOCK_N, 512] for all H_TILE heads:
-   bf16 rows as they are, FP8 rows decoded by integer ops (e4m3fn code * ue8m0 scale, exact in fp32 and
-   bf16; the 64 rope values from their two bytes);
+   bf16 rows as they are, FP8 rows staged as uint32 words and decoded (e4m3fn code through a 256-entry
+   fp32 table built by integer ops once per block, times the ue8m0 scale from its bits: exact in fp32 and
+   bf16; the 64 rope values are the two bf16 halves of their words);
 3. S = Q K^T (T.gemm, Q [H_TILE, 512] bf16 in shared memory, fp32 accumulator), times the scale, masked;
 4. online softmax in fp32: m' = max(m, rowmax S), alpha = e^(m - m'), P = e^(S - m') (an all-masked row
    keeps m = -inf through m_safe = 0), l = l alpha + rowsum P;
@@ -122,7 +123,7 @@ def make_attend_kernel(fp8: bool, two: bool, has_len: bool, has_len2: bool, spli
     L2 = T.dynamic("extra_cache_words", I64)
 
     @T.macro
-    def gather(CACHE, stride, rows, IDX, LEN, Kn, b, t, idx_s, base_s, words_s, kv_s):
+    def gather(CACHE, stride, rows, IDX, LEN, Kn, b, t, idx_s, base_s, words_s, lut_s, kv_s):
         # step 1: the block's row numbers (-1: reads nothing), FP8: each row's word offsets; step 2: the rows
         # as bf16 into kv_s (FP8: the row's 146 words into words_s first, then decoded from there)
         for i in T.Parallel(BN):
@@ -150,7 +151,7 @@ def make_attend_kernel(fp8: bool, two: bool, has_len: bool, has_len2: bool, spli
                 for i, d in T.Parallel(DECODE_ROWS, D):
                     kv_s[r * DECODE_ROWS + i, d] = T.cast(T.if_then_else(
                         d < NOPE,
-                        _e4m3fn_value(_byte(words_s[r * DECODE_ROWS + i, T.min(d, NOPE - 1) // 4], d % 4))
+                        lut_s[_byte(words_s[r * DECODE_ROWS + i, T.min(d, NOPE - 1) // 4], d % 4)]
                         * _ue8m0_value(_byte(words_s[r * DECODE_ROWS + i, ROW_WORDS + T.min(d, NOPE - 1) // 256],
                                              (d // 64) % 4)),
                         T.reinterpret((words_s[r * DECODE_ROWS + i, T.max(d, NOPE) // 2 - NOPE // 4]
@@ -194,6 +195,7 @@ def make_attend_kernel(fp8: bool, two: bool, has_len: bool, has_len2: bool, spli
             idx_s = T.alloc_shared((BN,), I32)
             base_s = T.alloc_shared((BN, 2), I64) if fp8 else None
             words_s = T.alloc_shared((BN, ROW_WORDS + 2), U32) if fp8 else None
+            lut_s = T.alloc_shared((256,), F32) if fp8 else None     # e4m3fn code -> fp32, built once
             acc_s = T.alloc_fragment((HT, BN), F32)
             acc_o = T.alloc_fragment((HT, D), F32)
             m = T.alloc_fragment((HT,), F32)
@@ -204,6 +206,9 @@ def make_attend_kernel(fp8: bool, two: bool, has_len: bool, has_len2: bool, spli
             h0 = g * HT
             for h, d in T.Parallel(HT, D):
                 q_s[h, d] = T.if_then_else(h0 + h < H, Q[t, T.min(h0 + h, H - 1), d], T.bfloat16(0))
+            if fp8:
+                for c in T.Parallel(256):
+                    lut_s[c] = _e4m3fn_value(c)
             T.fill(acc_o, 0)
             T.fill(l, 0)
             T.fill(m, NEG_INF)
@@ -213,11 +218,12 @@ def make_attend_kernel(fp8: bool, two: bool, has_len: bool, has_len2: bool, spli
             for b in T.serial(b0, b1):  # two caches: the second list's blocks after the first's, one softmax
                 if two:
                     if b < blocks1:
-                        gather(C1, stride1, rows1, IDX1, LEN1, K1, b, t, idx_s, base_s, words_s, kv_s)
+                        gather(C1, stride1, rows1, IDX1, LEN1, K1, b, t, idx_s, base_s, words_s, lut_s, kv_s)
                     else:
-                        gather(C2, stride2, rows2, IDX2, LEN2, K2, b - blocks1, t, idx_s, base_s, words_s, kv_s)
+                        gather(C2, stride2, rows2, IDX2, LEN2, K2, b - blocks1, t, idx_s, base_s, words_s, lut_s,
+                               kv_s)
                 else:
-                    gather(C1, stride1, rows1, IDX1, LEN1, K1, b, t, idx_s, base_s, words_s, kv_s)
+                    gather(C1, stride1, rows1, IDX1, LEN1, K1, b, t, idx_s, base_s, words_s, lut_s, kv_s)
                 step(q_s, kv_s, idx_s, ph_s, pl_s, acc_s, acc_o, m, m_blk, l, l_blk, alpha, scale)
             if split:  # this split's partial result: WS[t, sp, h] = [O | m | l]
                 for h, d in T.Parallel(HT, D):
@@ -334,10 +340,10 @@ INT32_MAX = 2**31 - 1
 
 def shared_bytes(fp8: bool, h_tile: int, block_n: int) -> int:
     """Shared memory of attend_kernel's buffers (q, the gathered rows, P hi / lo, the indices; FP8: the
-    staged words and byte offsets) plus 2 KB of reduction workspace."""
+    staged words, byte offsets and the e4m3 table) plus 2 KB of reduction workspace."""
     total = 2 * h_tile * D_MODEL + 2 * block_n * D_MODEL + 2 * 2 * h_tile * block_n + 4 * block_n + 2048
     if fp8:
-        total += 4 * block_n * (ROW_WORDS + 2) + 16 * block_n
+        total += 4 * block_n * (ROW_WORDS + 2) + 16 * block_n + 4 * 256
     return total
 
 
