@@ -9,6 +9,7 @@ interpreter tests cover small shapes and the TileLang kernels are codegen-verifi
 - prefill: 512 tokens of one sequence (one split: the in-block finish, no merge), H = 64;
 - two caches read in place (SPEC 1.3), window cache + compressed cache, both topk_lengths;
 - rows with no valid index (all -1, out of range, topk_length 0) next to ordinary rows: out 0, lse +inf;
+- H = 8, 24, 120 (a partly filled 64-head tile);
 - a decode step replayed from a CUDA graph gives the eager result bit for bit (no host sync).
 """
 import pytest
@@ -88,6 +89,18 @@ def test_decode_batch64_bf16(impl, device, H, topk):
     idx, lengths = _empty_rows(idx, lengths, kv.shape[0])
     expected = sparse_mqa(q, kv, idx, sink, None, lengths, impl="reference")
     got = sparse_mqa(*(t.to(device) for t in (q, kv, idx, sink)), None, lengths.to(device), impl=impl)
+    _compare("sparse_mqa", got, expected)
+
+
+@pytest.mark.op("sparse_mqa")
+@pytest.mark.parametrize("H", (8, 24, 120))
+def test_head_counts_that_pad_the_head_tile(impl, device, H):
+    """H not a multiple of the 64-head tile (TP ranks: 8, and odd splits): padded rows must stay unstored."""
+    _device_only(device)
+    gen = torch.Generator().manual_seed(H)
+    q, kv, idx, sink, lengths = _decode(gen, 5, H, 128, 200, 300)
+    expected = sparse_mqa(q, kv, idx, sink, 0.05, lengths, impl="reference")
+    got = sparse_mqa(*(t.to(device) for t in (q, kv, idx, sink)), 0.05, lengths.to(device), impl=impl)
     _compare("sparse_mqa", got, expected)
 
 
