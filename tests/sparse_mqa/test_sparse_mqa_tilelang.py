@@ -21,24 +21,12 @@ import torch
 pytest.importorskip("tilelang", reason="tilelang is not installed (pip install 'dsv4-kernels[cuda]')")
 
 from dsv4_kernels import dispatch, ladder  # noqa: E402
-from dsv4_kernels.backends import find_target  # noqa: E402
-from dsv4_kernels.codegen import Artifact  # noqa: E402
 from dsv4_kernels.kernels.sparse_mqa import tilelang as tl  # noqa: E402
 from dsv4_kernels.ops import sparse_mqa as ops  # noqa: E402
 from dsv4_kernels.reference.formats import quantize_kv_cache_fp8  # noqa: E402
 
 TARGETS = ("sm_90a", "sm_100a", "gfx942", "gfx950")
 LABELS = {"sparse_mqa": ["decode-bf16-split", "merge"], "sparse_mqa_fp8": ["decode-fp8-two-cache-split"]}
-
-
-def _artifacts(op, target, codegen_results, request):
-    backend = find_target(target).backend
-    if request.config.getoption("--backend") not in ("cpu", backend):
-        pytest.skip(f"--backend={request.config.getoption('--backend')} compiles only that vendor's targets")
-    result = codegen_results.get((op, "tilelang", target))
-    assert result is not None, f"{op}/tilelang is not registered for {target}"
-    assert result["ok"], result.get("error")
-    return [Artifact.from_json(a) for a in result["artifacts"]]
 
 
 def _shared_bytes(text: str) -> int:
@@ -51,8 +39,8 @@ def _shared_bytes(text: str) -> int:
 @pytest.mark.codegen
 @pytest.mark.parametrize("op", ["sparse_mqa", "sparse_mqa_fp8"])
 @pytest.mark.parametrize("target", TARGETS)
-def test_codegen(op, target, codegen_results, request):
-    arts = _artifacts(op, target, codegen_results, request)
+def test_codegen(op, target, codegen_artifacts):
+    arts = codegen_artifacts(op, "tilelang", target)
     fp8 = op == "sparse_mqa_fp8"
     arch = target
     h_tile, block_n, threads = tl.tiles(tl.DEFAULTS, fp8, arch)
