@@ -1,7 +1,7 @@
 """FP4 grouped MoE ops (SPEC 5, SPEC 7 "FP4 MoE"): `mxfp4_grouped_gemm` (FP8 activations times MXFP4
 expert weights, rows grouped by expert) and `fp4_grouped_moe` (the routed experts of one MoE layer:
 gate/up GEMM, clamped SwiGLU with the routing weight, down GEMM, routed sum). Implementations: the
-reference and Triton (kernels/moe/README.md).
+reference and Triton (kernels/moe/README.md), and TileLang for the grouped GEMM (kernels/moe/tilelang.py).
 
 Bad values (issue 11). Default path: an id outside its range is invalid and masked on the device (that
 row or slot contributes nothing and reads nothing), never wrapped; NaN in, NaN out (a non-finite
@@ -167,8 +167,12 @@ def moe_rules(topk_ids: torch.Tensor, w13: torch.Tensor,
 # PREFILL_ROWS rows), BLOCK_N output columns, BLOCK_K reduction step; the CPU interpreter uses larger tiles.
 TRITON_DEFAULTS = {"BLOCK_M": 16, "BLOCK_M_PREFILL": 64, "PREFILL_ROWS": 256, "BLOCK_N": 64, "BLOCK_K": 128,
                    "num_warps": 4}
-for _op in (OP_GEMM, OP_MOE):
-    dispatch.register_family_op(_op, "moe", triton=TRITON_DEFAULTS)
+# TileLang (mxfp4_grouped_gemm only, kernels/moe/tilelang.py): BLOCK_M x BLOCK_N output tile per block,
+# BLOCK_K reduction step, threads per block, num_stages of the K loop's copy pipeline; the same values as
+# that file's DEFAULTS (a test keeps them equal), repeated so that registering the op does not import tilelang.
+TILELANG_DEFAULTS = {OP_GEMM: {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "threads": 128, "num_stages": 1}}
+dispatch.register_family_op(OP_GEMM, "moe", triton=TRITON_DEFAULTS, tilelang=TILELANG_DEFAULTS[OP_GEMM])
+dispatch.register_family_op(OP_MOE, "moe", triton=TRITON_DEFAULTS)
 
 
 @_library.custom_op("dsv4::mxfp4_grouped_gemm", mutates_args=())
@@ -220,7 +224,7 @@ def mxfp4_grouped_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, 
             nothing of it is read (NaN in a padding row of a does not show). Checked mode
             (DSV4K_CHECK=1) refuses values outside [0, G) other than -1.
         act_block_size: 32 or 128, the activation block along K.
-        impl: run this implementation ("reference") or raise; None lets the dispatcher choose.
+        impl: run this implementation ("reference", "triton", "tilelang") or raise; None lets the dispatcher choose.
     Returns:
         c: [M, N] bf16: the reference computes the exact product sum, rounds it once to fp32 (an fp32
         accumulator without rounding error) and then to bf16; kernels accumulate in fp32 in their own
