@@ -108,3 +108,42 @@ def test_moe_decode_step_replays_in_a_cuda_graph(impl, device, model):
         graph.replay()
         want = dk.fp4_grouped_moe(x, ids, weights, w13, w13_s, w2, w2_s, 32, impl="reference")
         ops.compare_moe(y.cpu(), want.cpu())
+
+
+def _gemm_case(case: str, N: int, K: int, block: int, fmt: str, device, gen):
+    """Grouped GEMM inputs of G = 4 experts at a full V4 shape: "one-expert" puts all 300 rows (several row
+    blocks) on expert 2; "empty-expert" gives experts 0, 1 and 3 runs (expert 1's split by -1 padding rows)
+    and expert 2 none (its weights are NaN scales: never read); "nan" adds a NaN a_scale block in row 3
+    (a NaN row) and a scale byte 255 in one weight row of expert 0 (a NaN column in expert 0's rows)."""
+    G = 4
+    if case == "one-expert":
+        m = torch.full((300,), 2, dtype=torch.int32)
+    else:
+        m = torch.tensor([0] * 70 + [1] * 9 + [-1] * 3 + [1] * 60 + [-1] * 2 + [3] * 5 + [7], dtype=torch.int32)
+    used = torch.unique(m[(m >= 0) & (m < G)].long()).tolist()
+    x = torch.randn(m.shape[0], K, generator=gen) * torch.exp(torch.randn(m.shape[0], 1, generator=gen))
+    a, a_scale = quantize_fp8_blockwise(x.to(torch.bfloat16).to(device), block, fmt)
+    b, b_scale = _weights(G, N, K, used, device)
+    if case == "nan":
+        a_scale[3, 1] = float("nan")
+        b_scale[0, 17, K // 32 - 1] = 255
+    return a, a_scale, b, b_scale, m.to(device), block
+
+
+@pytest.mark.op("mxfp4_grouped_gemm")
+@pytest.mark.parametrize("case", ["one-expert", "empty-expert", "nan"])
+@pytest.mark.parametrize("shape, block, fmt", [((6144, 7168), 128, "e4m3fn"), ((4096, 2048), 32, "e4m3fnuz")],
+                         ids=["pro-w13-b128-fn", "flash-w2-b32-fnuz"])
+def test_grouped_gemm_expert_layouts_and_nan_on_device(impl, device, case, shape, block, fmt):
+    """All rows on one expert, an expert without rows (and a group split by padding), NaN rules, both FP8
+    encodings, against the reference at full V4 shapes (calc_diff < 0.01, NaN positions identical)."""
+    _device_only(device)
+    gen = torch.Generator().manual_seed(len(case) + block)
+    args = _gemm_case(case, *shape, block, fmt, device, gen)
+    c = dk.mxfp4_grouped_gemm(*args, impl=impl)
+    want = dk.mxfp4_grouped_gemm(*args, impl="reference")
+    ops.compare_gemm(c.cpu(), want.cpu())
+    m = args[4].cpu()
+    assert (c.cpu()[(m < 0) | (m >= 4)] == 0).all(), "padding rows must be 0"
+    if case == "nan":
+        assert c[3].isnan().all() and c[m == 0][:, 17].isnan().all() and not c[m == 1].isnan().any()

@@ -166,7 +166,7 @@ def _params(cfg: dict) -> tuple:
 
 def mxfp4_grouped_gemm(a, a_scale, b, b_scale, m_indices, act_block_size=128):
     M, K = a.shape
-    G, N = b.shape[0], b.shape[1]
+    N = b.shape[1]
     c = torch.empty((M, N), dtype=torch.bfloat16, device=a.device)
     if M == 0:
         return c
