@@ -44,6 +44,15 @@ def check_source(target: str, label: str, text: str) -> None:
     steps = K // cfg["BLOCK_K"]
     peeled = trips == {steps - 1} and "cp_async_wait<0>()" in text
     assert trips == {steps} or peeled, f"{label}: K loop trips {trips}, expected {steps} steps"
+    # the scales advance with the K step: BLOCK_K / 32 weight scales, BLOCK_K / act_block activation scales
+    w_step = cfg["BLOCK_K"] // 32
+    assert re.search(r"BS\[[^;]*\(\(int64_t\)kt\w*\) \* \(int64_t\)" + str(w_step) + r"\)", text), \
+        f"{label}: the weight scale index does not advance with the K step"
+    a_step = cfg["BLOCK_K"] // act_block
+    a_term = r"\+ \(\(int64_t\)kt\w*\)\)" if a_step == 1 else r"\(\(int64_t\)kt\w*\) \* \(int64_t\)" + str(a_step) + r"\)"
+    assert re.search(r"AS\[[^;]*" + a_term, text), f"{label}: the activation scale index does not advance with K"
+    # one pass per run of a group: a row opens a pass when its id differs from the previous row's
+    assert "if ((0 <= ge) && ((s == 0) || (((int*)ids)[(s - 1)] != ge)))" in text, f"{label}: the pass rule"
     # the rows' groups: a row past M or an id outside [0, G) is padding (-1), never wrapped
     head = text[:text.index("for (int s = 0; s < ")]
     assert "< M)" in head and "< G)" in head and "0 <= " in head, f"{label}: the row ids are not range checked"
@@ -73,11 +82,11 @@ def check_source(target: str, label: str, text: str) -> None:
     # the group row mask: the activation tile takes only rows of the pass's group (in the last K loop,
     # before the MMA), and only those rows are stored (after it)
     loop = text.rindex("for (int kt")
-    mma = text.index(MMA[target], loop)
+    mma = text.find(MMA[target], loop)
+    assert mma > 0, f"{label}: no bf16 MMA with fp32 accumulators in the K loop"
     assert "] == ge)" in text[loop:mma], f"{label}: the activation tile is not masked to the pass's group"
     assert "== ge)" in text[mma:], f"{label}: the store is not masked to the pass's group"
     assert re.search(r"\] < 0\)\) \{\s*bfloat16_t broadcast_var = bfloat16_t\(0", text), f"{label}: padding rows"
-    assert text.count(MMA[target]) >= 1, f"{label}: no bf16 MMA with fp32 accumulators"
 
 
 @pytest.mark.codegen
