@@ -1,5 +1,6 @@
 """FP4 grouped MoE kernels (SPEC 5): triton.py (grouped GEMM and the op), triton_route.py (permutation,
-combine), triton_quant.py (FP8 quantisation, SwiGLU + requantisation). This module holds what needs no
+combine), triton_quant.py (FP8 quantisation, SwiGLU + requantisation), tilelang.py (the grouped GEMM
+alone, with its own guard on top of supports_mxfp4_grouped_gemm). This module holds what needs no
 toolchain: the `supports_*` guards the dispatcher asks before a launch. README.md has the design.
 
 Which path serves which chip: one portable path everywhere. FP4 weights and FP8 activations are
