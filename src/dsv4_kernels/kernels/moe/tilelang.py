@@ -13,16 +13,18 @@ group (prefill) makes one pass, a block of padding none. A group whose run is br
 inside the block is computed once per piece (the same rows, the same values: redundant, not wrong).
 Rows whose id is outside [0, G) (-1 padding included; nothing wraps) are stored as 0.
 
-K loop (K / BLOCK_K steps): the packed e2m1 bytes [BLOCK_N, BLOCK_K / 2] and the FP8 activation bytes
-[BLOCK_M, BLOCK_K] are copied to shared memory; every thread then decodes its elements in registers
-and writes bf16 tiles: weight k takes the low nibble of byte k / 2 for even k and the high nibble for odd
-k, e2m1 -> fp32 by integer ops, times 2^(byte - 127) of its ue8m0 scale (byte 255 -> NaN, byte 0 ->
-2^-127); the activation byte decoded by integer ops in its encoding (e4m3fn: bias 7, S.1111.111 NaN;
-e4m3fnuz: bias 8, 0x80 NaN, no -0), times its fp32 block scale. Both products are exact in bf16 (2 and 4
-significant bits times a power of two; a non-power-of-two activation scale is rounded to bf16 as in
-triton.py). T.gemm multiplies them on the bf16 tensor cores (wgmma / mma on CUDA, MFMA on ROCm) into an
-fp32 fragment; the result is rounded to bf16 once. NaN in, NaN out: a NaN scale byte gives NaN columns
-in that group's rows, a NaN activation byte or block scale a NaN row.
+K loop (K / BLOCK_K steps): the packed weights [BLOCK_N, BLOCK_K / 8] and the FP8 activations [BLOCK_M,
+BLOCK_K / 4], both read as int32 words, are copied to shared memory (TileLang makes these TMA loads from a
+producer warpgroup on CUDA, so 2 x `threads` threads are launched there; cp.async on gfx950); every thread
+then decodes its elements in registers and writes bf16 tiles: weight k is nibble k % 8 of word k / 8 (the
+low nibble of byte k / 2 for even k, the high one for odd k), e2m1 -> fp32 by integer ops, times its ue8m0
+scale (byte (k / 32) % 4 of scale word k / 128, read from global memory where it is used: 2^(byte - 127),
+byte 255 -> NaN, byte 0 -> 2^-127); the activation byte decoded by integer ops in its encoding (e4m3fn: bias
+7, S.1111.111 NaN; e4m3fnuz: bias 8, 0x80 NaN, no -0), times its fp32 block scale. Both products are exact
+in bf16 (2 and 4 significant bits times a power of two; a non-power-of-two activation scale is rounded to
+bf16 as in triton.py). T.gemm multiplies them on the bf16 tensor cores (wgmma / mma on CUDA, MFMA on ROCm)
+into an fp32 fragment; the result is rounded to bf16 once. NaN in, NaN out: a NaN scale byte gives NaN
+columns in that group's rows, a NaN activation byte or block scale a NaN row.
 
 N and K are compile-time (one compile per weight shape: V4 has two GEMMs per model), M and G are
 symbolic: one compile serves every token count and expert count, nothing is read back to the host
@@ -41,12 +43,13 @@ from dsv4_kernels.kernels import moe as shared
 
 OP = "mxfp4_grouped_gemm"
 # BLOCK_M rows, BLOCK_N output columns, BLOCK_K reduction step per block; threads per block; num_stages of
-# the K loop's copy pipeline. Shared memory: BLOCK_M * BLOCK_K * 3 + BLOCK_N * BLOCK_K * 2.5 bytes per
-# stage (about 40 KB at the defaults: within gfx942's 64 KB LDS). Repeated in ops/moe.py (a test keeps
+# the K loop's copy pipeline. Shared memory: BLOCK_M * BLOCK_K * 3 + BLOCK_N * BLOCK_K * 2.5 bytes plus the
+# scales (about 45 KB at the defaults: within gfx942's 64 KB LDS). Repeated in ops/moe.py (a test keeps
 # them equal) so that registering the op does not import tilelang.
 DEFAULTS = {OP: {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "threads": 128, "num_stages": 1}}
 WEIGHT_BLOCK = 32
-F32, BF16, I32, U32, U8 = "float32", "bfloat16", "int32", "uint32", "uint8"
+SCALE_WORD = 4 * WEIGHT_BLOCK   # K elements whose 4 ue8m0 scale bytes form one int32 word
+F32, BF16, I32, U8 = "float32", "bfloat16", "int32", "uint8"
 MAX_ROWS = 2**31 - 1
 _HALF_BITS = 0x3F000000   # fp32 0.5
 
@@ -93,8 +96,8 @@ def make_gemm_kernel(N: int, K: int, act_block: int, fnuz: bool, block_m: int, b
     C [M, N] bf16 (written)."""
     if act_block not in (32, 128):
         raise ValueError(f"act_block must be 32 or 128, got {act_block}")
-    if block_k % act_block or block_k % WEIGHT_BLOCK or block_k < 32:
-        raise ValueError(f"BLOCK_K must be a multiple of 32 and of act_block {act_block}, got {block_k}")
+    if block_k % SCALE_WORD:
+        raise ValueError(f"BLOCK_K must be a multiple of {SCALE_WORD} (4 scale bytes per word), got {block_k}")
     if N % block_n or K % block_k:
         raise ValueError(f"N must be a multiple of BLOCK_N {block_n} and K of BLOCK_K {block_k}, got N {N}, K {K}")
     BM, BN, BK = block_m, block_n, block_k
@@ -104,7 +107,7 @@ def make_gemm_kernel(N: int, K: int, act_block: int, fnuz: bool, block_m: int, b
 
     @T.prim_func
     def grouped_gemm_kernel(A: T.Tensor((M, K // 4), I32), AS: T.Tensor((M, K // act_block), F32),
-                            B: T.Tensor((G, N, K // 8), I32), BS: T.Tensor((G, N, K // WEIGHT_BLOCK), U8),
+                            B: T.Tensor((G, N, K // 8), I32), BS: T.Tensor((G, N, K // SCALE_WORD), I32),
                             MI: T.Tensor((M,), I32), C: T.Tensor((M, N), BF16)):
         with T.Kernel(T.ceildiv(M, BM), N // BN, threads=threads) as (bm, bn):
             r0 = bm * BM
@@ -114,7 +117,6 @@ def make_gemm_kernel(N: int, K: int, act_block: int, fnuz: bool, block_m: int, b
             b_raw = T.alloc_shared((BN, BK // 8), I32)    # 8 e2m1 nibbles per word, k even in the low nibble
             a_bf = T.alloc_shared((BM, BK), BF16)
             b_bf = T.alloc_shared((BN, BK), BF16)
-            b_sc = T.alloc_shared((BN, BK // WEIGHT_BLOCK), F32)   # decoded ue8m0 scales of the step
             acc = T.alloc_fragment((BM, BN), F32)
             for i in T.Parallel(BM):   # the rows' groups; rows past M and ids outside [0, G) are -1
                 ids[i] = T.if_then_else(r0 + i < M, T.if_then_else(
@@ -134,11 +136,13 @@ def make_gemm_kernel(N: int, K: int, act_block: int, fnuz: bool, block_m: int, b
                             a_bf[i, k] = T.if_then_else(
                                 ids[i] == ge, T.cast(_e4m3(abyte, fnuz) * AS[r0 + i, (kt * BK + k) // act_block], BF16),
                                 T.cast(0, BF16))
-                        for j, q in T.Parallel(BN, BK // WEIGHT_BLOCK):
-                            b_sc[j, q] = _ue8m0(T.cast(BS[ge, n0 + j, kt * (BK // WEIGHT_BLOCK) + q], I32))
                         for j, k in T.Parallel(BN, BK):
                             code = (b_raw[j, k // 8] >> ((k % 8) * 4)) & 15
-                            b_bf[j, k] = T.cast(_e2m1(code) * b_sc[j, k // WEIGHT_BLOCK], BF16)
+                            # scale byte (k / 32) % 4 of word k / 128 of the step (read where it is used:
+                            # a shared buffer filled here would be written by the TMA producer on CUDA)
+                            sword = BS[ge, n0 + j, kt * (BK // SCALE_WORD) + k // SCALE_WORD]
+                            sbyte = (sword >> (((k // WEIGHT_BLOCK) % 4) * 8)) & 255
+                            b_bf[j, k] = T.cast(_e2m1(code) * _ue8m0(sbyte), BF16)
                         T.gemm(a_bf, b_bf, acc, transpose_B=True)
                     for i, j in T.Parallel(BM, BN):
                         if ids[i] == ge:
@@ -171,8 +175,9 @@ def mxfp4_grouped_gemm(a, a_scale, b, b_scale, m_indices, act_block_size=128):
     if M == 0:
         return c
     kernel = _compiled(_target(a), N, K, int(act_block_size), a.dtype == torch.float8_e4m3fnuz, *_params(_config(a)))
-    # the bytes as little-endian int32 words: 4 FP8 codes, 8 e2m1 codes per word (K % 32 == 0)
-    kernel(a.view(torch.uint8).view(torch.int32), a_scale, b.view(torch.int32), b_scale, m_indices, c)
+    # the bytes as little-endian int32 words: 4 FP8 codes, 8 e2m1 codes, 4 scale bytes per word (K % 128 == 0)
+    kernel(a.view(torch.uint8).view(torch.int32), a_scale, b.view(torch.int32), b_scale.view(torch.int32),
+           m_indices, c)
     return c
 
 
@@ -184,7 +189,7 @@ def supports_mxfp4_grouped_gemm(a, a_scale, b, b_scale, m_indices, act_block_siz
     """What grouped_gemm_kernel was built for, beyond kernels/moe's contract (either FP8 encoding, act
     block 32 or 128, contiguous operands): N a multiple of BLOCK_N and K of BLOCK_K (every V4 GEMM), fewer
     than 2^31 - BLOCK_M rows (the row count is an int32 argument), 16-byte aligned a and b (TMA / 16-byte
-    vector copies, unchecked on the device), and one of the chips it serves: sm_90a (H100/H200: no FP4
+    vector copies, unchecked on the device), a 4-byte aligned b_scale (read as int32 words), and one of the chips it serves: sm_90a (H100/H200: no FP4
     tensor cores, so this bf16 path), sm_100a (B200; its native MXFP4 MMA is not used), gfx942 (MI300X,
     e4m3fnuz activations) and gfx950 (MI355X, the same portable path)."""
     reason = shared.supports_mxfp4_grouped_gemm(a, a_scale, b, b_scale, m_indices, act_block_size)
@@ -193,15 +198,16 @@ def supports_mxfp4_grouped_gemm(a, a_scale, b, b_scale, m_indices, act_block_siz
     cfg = dict(dispatch.get(OP, "tilelang").defaults) if a.device.type == "cpu" else _config(a)
     M, K = a.shape
     N = b.shape[1]
-    if N % cfg["BLOCK_N"] or K % cfg["BLOCK_K"]:
+    if N % cfg["BLOCK_N"] or K % cfg["BLOCK_K"] or cfg["BLOCK_K"] % SCALE_WORD:
         return (f"built for N a multiple of BLOCK_N {cfg['BLOCK_N']} and K of BLOCK_K {cfg['BLOCK_K']} (every V4 "
                 f"GEMM), got N = {N}, K = {K}")
     if M > MAX_ROWS - cfg["BLOCK_M"]:
         return f"{M} rows exceed the int32 row count of the TileLang kernel ({MAX_ROWS - cfg['BLOCK_M']})"
-    for name, t in (("a", a), ("b", b)):
-        if t.data_ptr() % 16:
-            return (f"{name}: the TileLang kernel copies 16-byte vectors (TMA on sm_90a), data_ptr "
-                    f"{t.data_ptr():#x} is not 16-byte aligned")
+    for name, t, nbytes in (("a", a, 16), ("b", b, 16), ("b_scale", b_scale, 4)):
+        if t.data_ptr() % nbytes:
+            return (f"{name}: the TileLang kernel reads it in {nbytes}-byte " +
+                    ("vectors (TMA on CUDA)" if nbytes == 16 else "words") +
+                    f", data_ptr {t.data_ptr():#x} is not {nbytes}-byte aligned")
     arch = platform.device_info(a).arch.split(":")[0]
     if arch not in SERVED_ARCHS:
         return f"built and checked for {', '.join(SERVED_ARCHS.values())}, got a device of arch {arch}"
