@@ -10,9 +10,11 @@ and device tests (test_moe_ops.py, test_moe_device.py, which run it against the 
   fp32 accumulation (wgmma on sm_90a, mma.sync on sm_100a, MFMA on ROCm), the scale indices advancing
   with the K step, the pass rule, no local memory in a cubin, TMA copies on CUDA with the weight scales
   read by the consumer warps (not the producer);
+- CPU numerics of the kernel's decode helpers (every FP8 byte in both encodings, every ue8m0 byte and
+  e2m1 code, the byte and nibble order of packed words), lowered for TileLang's C target;
 - host logic in pure Python: the registration, the defaults kept equal in ops/moe.py, the guards and
   their reasons, the kernel builder's argument checks.
-Numbers need a device: TileLang GPU kernels do not run on the CPU (test_moe_device.py).
+The GEMM's numbers need a device: TileLang GPU kernels do not run on the CPU (test_moe_device.py).
 """
 import re
 
@@ -27,6 +29,7 @@ from dsv4_kernels.kernels.moe import tilelang as tl  # noqa: E402
 from dsv4_kernels.ops import moe as ops  # noqa: E402
 
 OP = "mxfp4_grouped_gemm"
+I32, F32 = "int32", "float32"
 TARGETS = ("sm_90a", "sm_100a", "gfx942", "gfx950")
 MMA = {"sm_90a": "tl::wgmma_ss<tl::DataType::kBFloat16, tl::DataType::kBFloat16, tl::DataType::kFloat32",
        "sm_100a": "tl::mma_sync<tl::DataType::kBFloat16, tl::DataType::kBFloat16, tl::DataType::kFloat32",
@@ -207,3 +210,60 @@ def test_kernel_builder_checks_its_arguments(kwargs, needle):
     args.update(kwargs)
     with pytest.raises(ValueError, match=re.escape(needle)):
         tl.make_gemm_kernel(**args)
+
+
+def test_decode_helpers_on_the_cpu_are_exact_for_every_code():
+    """The kernel's own decode helpers (_e4m3 both encodings, _ue8m0, _e2m1, _byte, _nibble), lowered for
+    TileLang's C target and run here: every FP8 byte, scale byte and e2m1 code against torch's decoding,
+    bit for bit (NaN positions equal), and the nibble / byte order of packed words against unpacking the
+    bytes. The NaN constant is the one thing swapped (the C target cannot take the address of a literal; the
+    GPU sources' NaN is checked in test_codegen)."""
+    import math
+    import tilelang
+    import tilelang.language as T
+
+    def nan():
+        return T.float32(float("nan"))
+
+    real_nan = tl._nan
+    tl._nan = nan   # the prim_func is traced when it is defined
+    try:
+        @T.prim_func
+        def decode(X: T.Tensor((256,), I32), W: T.Tensor((64,), I32), FN: T.Tensor((256,), F32),
+                   FNUZ: T.Tensor((256,), F32), SC: T.Tensor((256,), F32), E2: T.Tensor((16,), F32),
+                   NIB: T.Tensor((512,), I32), BYT: T.Tensor((256,), I32)):
+            with T.Kernel(1, threads=1):
+                for i in T.serial(256):
+                    FN[i] = tl._e4m3(X[i], False)
+                    FNUZ[i] = tl._e4m3(X[i], True)
+                    SC[i] = tl._ue8m0(X[i])
+                    BYT[i] = tl._byte(W[i // 4], i % 4)
+                for i in T.serial(16):
+                    E2[i] = tl._e2m1(X[i])
+                for i in T.serial(512):
+                    NIB[i] = tl._nibble(W[i // 8], i % 8)
+
+        kernel = tilelang.compile(decode, target="c")
+    finally:
+        tl._nan = real_nan
+    codes = torch.arange(256, dtype=torch.int32)
+    packed = torch.randint(0, 256, (256,), dtype=torch.uint8)
+    outs = [torch.zeros(256), torch.zeros(256), torch.zeros(256), torch.zeros(16), torch.zeros(512, dtype=torch.int32),
+            torch.zeros(256, dtype=torch.int32)]
+    kernel(codes, packed.view(torch.int32), *outs)
+    fn, fnuz, scale, e2m1, nibbles, bytes_ = outs
+    u8 = codes.to(torch.uint8)
+    table = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+    want = {
+        "e4m3fn": (fn, u8.view(torch.float8_e4m3fn).float()),
+        "e4m3fnuz": (fnuz, u8.view(torch.float8_e4m3fnuz).float()),
+        "ue8m0": (scale, torch.tensor([math.ldexp(1.0, b - 127) if b < 255 else math.nan for b in range(256)])),
+        "e2m1": (e2m1, torch.tensor(table + [-v for v in table])),
+    }
+    for name, (got, expected) in want.items():
+        assert torch.equal(got.isnan(), expected.isnan()), f"{name}: NaN codes differ"
+        ok = ~expected.isnan()
+        assert torch.equal(got[ok].view(torch.int32), expected[ok].view(torch.int32)), f"{name}: values differ"
+    assert torch.equal(bytes_, packed.to(torch.int32)), "byte order of a word"
+    low_first = torch.stack([packed & 15, packed >> 4], dim=1).flatten().to(torch.int32)
+    assert torch.equal(nibbles, low_first), "nibble order: k even is the low nibble of byte k / 2"

@@ -58,6 +58,17 @@ def _nan():
     return T.reinterpret(T.int32(0x7FC00000), F32)
 
 
+def _byte(word, i):
+    """Byte i (0..3) of an int32 word read from little-endian memory, as int32 0..255."""
+    return (word >> (i * 8)) & 255
+
+
+def _nibble(word, i):
+    """Nibble i (0..7) of an int32 word: e2m1 code k of a packed row is nibble k % 8 of word k / 8 (the low
+    nibble of byte k / 2 for even k)."""
+    return (word >> (i * 4)) & 15
+
+
 def _e2m1(code):
     """e2m1 code (int32 0..15: sign bit 3, exponent bits 2-1, mantissa bit 0) -> fp32 by integer ops: a
     normal code (exponent >= 1) is the fp32 bits (code & 7) << 22 plus 126 << 23, i.e. (1 + m/2) 2^(e-1);
@@ -132,16 +143,16 @@ def make_gemm_kernel(N: int, K: int, act_block: int, fnuz: bool, block_m: int, b
                         T.copy(A[r0, kt * (BK // 4)], a_raw)
                         T.copy(B[ge, n0, kt * (BK // 8)], b_raw)
                         for i, k in T.Parallel(BM, BK):
-                            abyte = (a_raw[i, k // 4] >> ((k % 4) * 8)) & 255
+                            abyte = _byte(a_raw[i, k // 4], k % 4)
                             a_bf[i, k] = T.if_then_else(
                                 ids[i] == ge, T.cast(_e4m3(abyte, fnuz) * AS[r0 + i, (kt * BK + k) // act_block], BF16),
                                 T.cast(0, BF16))
                         for j, k in T.Parallel(BN, BK):
-                            code = (b_raw[j, k // 8] >> ((k % 8) * 4)) & 15
+                            code = _nibble(b_raw[j, k // 8], k % 8)
                             # scale byte (k / 32) % 4 of word k / 128 of the step (read where it is used:
                             # a shared buffer filled here would be written by the TMA producer on CUDA)
                             sword = BS[ge, n0 + j, kt * (BK // SCALE_WORD) + k // SCALE_WORD]
-                            sbyte = (sword >> (((k // WEIGHT_BLOCK) % 4) * 8)) & 255
+                            sbyte = _byte(sword, (k // WEIGHT_BLOCK) % 4)
                             b_bf[j, k] = T.cast(_e2m1(code) * _ue8m0(sbyte), BF16)
                         T.gemm(a_bf, b_bf, acc, transpose_B=True)
                     for i, j in T.Parallel(BM, BN):
