@@ -65,7 +65,7 @@ def check_source(target: str, label: str, text: str) -> None:
     assert re.search(r"\(\w+\[(vec\w*)\] >> \(\1 \* 4\)\) & 15\)", text), f"{label}: e2m1 nibble order"
     assert "<< 22) + 1056964608)" in text, f"{label}: e2m1 normal codes (bits << 22 plus 126 << 23)"
     assert "& 1) * 1056964608)" in text, f"{label}: the e2m1 subnormal code 1 is 0.5"
-    assert "& 8) << 28)" in text, f"{label}: the e2m1 sign bit"
+    assert re.search(r"& 15\) & 8\)\)\) \{\s*\w+ = -2147483648;", text), f"{label}: the e2m1 sign bit"
     # ue8m0: byte (k / 32) % 4 of the step's scale word is the fp32 exponent field (2^(byte - 127)); 255 is
     # NaN, 0 is 2^-127
     assert re.search(r"BS_local\w*\[vec\w*\] >> \([^;]*\) \* 8\)\) & 255\) << 23\b", text), \
@@ -84,7 +84,8 @@ def check_source(target: str, label: str, text: str) -> None:
         assert re.search(r"& 255\) == 128\)", text) and "& 127) == 127)" not in text, f"{label}: e4m3fnuz NaN 0x80"
     else:
         assert "& 127) == 127)" in text and not re.search(r"& 255\) == 128\)", text), f"{label}: e4m3fn NaN"
-    assert re.search(r"\(128 <= \(\(\w+\[vec\w*\] >> \(vec\w* \* 8\)\) & 255\)\)", text), f"{label}: e4m3 sign"
+    assert re.search(r"\(128 <= \(\(\w+\[vec\w*\] >> \(vec\w* \* 8\)\) & 255\)\)\) \{\s*\w+ = -2147483648;", text), \
+        f"{label}: e4m3 sign bit"
     # the group row mask: the activation tile takes only rows of the pass's group (in the last K loop,
     # before the MMA), and only those rows are stored (after it)
     loop = text.rindex("for (int kt")

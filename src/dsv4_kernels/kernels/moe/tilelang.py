@@ -52,6 +52,7 @@ SCALE_WORD = 4 * WEIGHT_BLOCK   # K elements whose 4 ue8m0 scale bytes form one 
 F32, BF16, I32, U8 = "float32", "bfloat16", "int32", "uint8"
 MAX_ROWS = 2**31 - 1
 _HALF_BITS = 0x3F000000   # fp32 0.5
+_SIGN_BIT = -2**31        # fp32 sign bit as an int32 (no signed shift overflow)
 
 
 def _nan():
@@ -72,10 +73,10 @@ def _nibble(word, i):
 def _e2m1(code):
     """e2m1 code (int32 0..15: sign bit 3, exponent bits 2-1, mantissa bit 0) -> fp32 by integer ops: a
     normal code (exponent >= 1) is the fp32 bits (code & 7) << 22 plus 126 << 23, i.e. (1 + m/2) 2^(e-1);
-    the subnormal code 1 is 0.5, code 0 is 0; the sign is bit 31."""
+    the subnormal code 1 is 0.5, code 0 is 0; the sign is bit 31 (code 8 is -0)."""
     em = code & 7
     bits = T.if_then_else(em >= 2, (em << 22) + (126 << 23), (em & 1) * _HALF_BITS)
-    return T.reinterpret(bits | ((code & 8) << 28), F32)
+    return T.reinterpret(bits | T.if_then_else((code & 8) != 0, _SIGN_BIT, T.int32(0)), F32)
 
 
 def _ue8m0(byte):
@@ -97,7 +98,9 @@ def _e4m3(byte, fnuz: bool):
         mag = T.if_then_else(em >= 8, T.reinterpret((em << 20) + (120 << 23), F32),
                              T.cast(em, F32) * T.float32(0.001953125))
         nan = em == 0x7F
-    return T.if_then_else(nan, _nan(), T.if_then_else(byte >= 0x80, -mag, mag))
+    # the sign as a bit (a select of -mag and mag would duplicate the decode: lowering time)
+    signed = T.reinterpret(T.reinterpret(mag, I32) | T.if_then_else(byte >= 0x80, _SIGN_BIT, T.int32(0)), F32)
+    return T.if_then_else(nan, _nan(), signed)
 
 
 def make_gemm_kernel(N: int, K: int, act_block: int, fnuz: bool, block_m: int, block_n: int, block_k: int,
