@@ -46,6 +46,9 @@ def pytest_addoption(parser):
     parser.addoption("--backend", choices=BACKENDS, default="cpu", help="vendor backend under test")
     parser.addoption("--impl", action="append", default=None, help="only these implementations")
     parser.addoption("--seed", type=int, default=0, help="mixed into the per-test seed")
+    parser.addoption("--all-targets", action="store_true",
+                     help="compile TileLang implementations for every target (default: Triton for every target, "
+                          "TileLang for the first of each backend: sm_90a, gfx942, ascend950)")
 
 
 def _device_absent(backend: str) -> str | None:
@@ -222,9 +225,19 @@ def codegen_jobs(config) -> list[tuple[str, str, str]]:
     from dsv4_kernels import dispatch
     from dsv4_kernels.codegen import targets_for
     wanted = config.getoption("--impl")
-    return [(op, impl.name, t.name) for op in dispatch.ops() for impl in dispatch.implementations(op)
-            if not wanted or impl.name in wanted
-            for t in targets_for(impl) if t.backend in codegen_backends(config)]
+    every = config.getoption("--all-targets")
+    jobs = []
+    for op in dispatch.ops():
+        for impl in dispatch.implementations(op):
+            if wanted and impl.name not in wanted:
+                continue
+            first_only = impl.language == "tilelang" and not every   # TileLang lowering costs 3-20 s a job
+            seen: set[str] = set()
+            for t in targets_for(impl):
+                if t.backend in codegen_backends(config) and not (first_only and t.backend in seen):
+                    jobs.append((op, impl.name, t.name))
+                seen.add(t.backend)
+    return jobs
 
 
 @pytest.fixture(scope="session")
@@ -248,6 +261,9 @@ def codegen_artifacts(codegen_results, request):
     def artifacts(op: str, impl: str, target: str) -> list:
         if chosen not in ("cpu", find_target(target).backend):
             pytest.skip(f"--backend={chosen} compiles only that vendor's targets")
+        if (op, impl, target) not in codegen_results and not request.config.getoption("--all-targets"):
+            pytest.skip(f"TileLang is compiled for the first target of each backend by default, not {target} "
+                        f"(--all-targets compiles every target)")
         result = codegen_results.get((op, impl, target))
         assert result is not None, f"{op}/{impl} is not registered for {target}"
         assert result["ok"], result.get("error")
