@@ -10,7 +10,7 @@ every implementation, beyond the op tests of test_compressor_ops.py:
   0, never a finite block;
 - validation before any launch, the dispatcher's guard, the registration;
 - the reference's fp32 order against the exactly rounded rotation (the fp64 oracle) on realistic rows;
-- TileLang codegen claims (all four targets, from the session's `codegen_results`). TileLang GPU kernels
+- TileLang codegen claims (from the session's `codegen_results`: sm_90a and gfx942, all four with --all-targets). TileLang GPU kernels
   do not run on the CPU: their numerics are the device test of test_compressor_device.py.
 """
 import math

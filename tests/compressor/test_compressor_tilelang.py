@@ -1,7 +1,7 @@
 """The TileLang compressor decode kernel (kernels/compressor/tilelang.py) beyond what the impl-parametrised
 op tests of test_compressor_ops.py cover.
 
-- codegen (all four GPU targets, from the session's `codegen_results`): the forms engines run (ratio 4 and
+- codegen (from the session's `codegen_results`: sm_90a and gfx942, all four GPU targets with --all-targets): the forms engines run (ratio 4 and
   128 at d = 512 with the FP8 cache store, the d = 128 indexer form at ratio 4), one launch, symbolic
   batch / slot / table / page counts, int64 state and cache addressing, 16-byte state accesses, libm expf
   and rintf, the barriers, and no local memory in any cubin; the other forms lowered to CUDA source;

@@ -1,6 +1,6 @@
 """The TileLang compressor prefill kernel (kernels/compressor/tilelang_prefill.py), both public forms.
 
-- codegen (all four GPU targets, from the session's `codegen_results`): the batched CSA form (ratio 4,
+- codegen (from the session's `codegen_results`: sm_90a and gfx942, all four GPU targets with --all-targets): the batched CSA form (ratio 4,
   d = 512, bf16 inputs, FP8 cache store) and the single-sequence form (ratio 128, d = 128, fp32): one
   kernel, symbolic token / chunk / slot / row counts, the binary search over `steps` probes, int64 state
   addressing, 16-byte state accesses (8-byte bf16 input loads), libm expf, the barriers and every state

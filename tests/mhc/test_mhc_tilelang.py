@@ -1,6 +1,6 @@
 """The TileLang mHC kernels (kernels/mhc/tilelang.py) beyond what the impl-parametrised op tests cover.
 
-- codegen (all four GPU targets, from the session's `codegen_results`): both V4 hidden sizes, the
+- codegen (from the session's `codegen_results`: sm_90a and gfx942, all four GPU targets with --all-targets): both V4 hidden sizes, the
   launches each op promises, a symbolic token count, 16-byte accesses, 32-lane shuffles, and no local
   memory (spills or register arrays indexed at run time) in any cubin;
 - host logic in pure Python: the split-K plan, the workspace layout, the guards, the configs;

@@ -1,8 +1,8 @@
 """The TileLang grouped GEMM (kernels/moe/tilelang.py: mxfp4_grouped_gemm) beyond the impl-parametrised op
 and device tests (test_moe_ops.py, test_moe_device.py, which run it against the reference on a device).
 
-- codegen (all four GPU targets, from the session's `codegen_results`; one spec per target, together the
-  four V4 GEMM shapes): one kernel, symbolic row and group counts, the K loop's trip count K / BLOCK_K,
+- codegen (from the session's `codegen_results`: sm_90a and gfx942 by default, all four GPU targets with
+  --all-targets; one spec per target, the four together the four V4 GEMM shapes): one kernel, symbolic row and group counts, the K loop's trip count K / BLOCK_K,
   the decodes as built (e2m1 nibble k % 8 of the word in its own 4 bits, the ue8m0 byte (k / 32) % 4 of
   the scale word as the fp32 exponent field, i.e. 2^(byte - 127), byte 255 NaN and byte 0 2^-127; e4m3fn bias 7 with S.1111.111
   NaN and subnormal step 2^-9 on three targets, e4m3fnuz bias 8 with 0x80 NaN and step 2^-10 on gfx942),

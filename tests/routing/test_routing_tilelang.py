@@ -1,7 +1,7 @@
 """The TileLang routing kernels (kernels/routing/tilelang.py) beyond what the impl-parametrised op tests
 of test_routing_ops.py cover.
 
-- codegen (all four GPU targets, from the session's `codegen_results`): both V4 expert counts and both
+- codegen (from the session's `codegen_results`: sm_90a and gfx942, all four GPU targets with --all-targets): both V4 expert counts and both
   logit dtypes, one launch per op, symbolic token (and vocabulary) counts, vector loads, 32-lane xor
   shuffles, libm expf, and no local memory (spills or register arrays indexed at run time) in any cubin;
 - host logic in pure Python: the lane plan, the guards and their reasons, the configs;

@@ -1,7 +1,7 @@
 """The TileLang sparse MQA kernels (kernels/sparse_mqa/tilelang.py) beyond what the impl-parametrised op
 and device tests cover.
 
-- codegen (all four GPU targets, from the session's `codegen_results`): the split bf16 attend kernel + the
+- codegen (from the session's `codegen_results`: sm_90a and gfx942, all four GPU targets with --all-targets): the split bf16 attend kernel + the
   merge (sparse_mqa) and the split two-cache FP8 attend kernel (sparse_mqa_fp8); source checks for what
   a wrong kernel would get wrong: the index bound mask (0 <= idx < rows), the topk_length clamp, the -inf
   logits of masked entries, the FP8 decode constants (e4m3 exponent bias, subnormal step, ue8m0 scale
