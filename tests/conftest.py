@@ -225,13 +225,12 @@ def codegen_jobs(config) -> list[tuple[str, str, str]]:
     from dsv4_kernels import dispatch
     from dsv4_kernels.codegen import targets_for
     wanted = config.getoption("--impl")
-    every = config.getoption("--all-targets")
+    first_only = not config.getoption("--all-targets")  # TileLang lowering costs 3-40 s a job, Triton ~2
     jobs = []
     for op in dispatch.ops():
         for impl in dispatch.implementations(op):
             if wanted and impl.name not in wanted:
                 continue
-            first_only = not every      # a TileLang job costs 3-40 s of lowering, a Triton one about 2
             seen: set[str] = set()
             for t in targets_for(impl):
                 if t.backend in codegen_backends(config) and not (first_only and t.backend in seen):
@@ -254,18 +253,20 @@ def codegen_artifacts(codegen_results, request):
     """artifacts(op, impl, target): the Artifacts of one job of this session's codegen, after checking that
     the implementation is registered for the target and compiled; skips when --backend names another
     vendor (only that vendor's targets are compiled then)."""
+    from dsv4_kernels import dispatch
     from dsv4_kernels.backends import find_target
-    from dsv4_kernels.codegen import Artifact
+    from dsv4_kernels.codegen import Artifact, targets_for
     chosen = request.config.getoption("--backend")
 
     def artifacts(op: str, impl: str, target: str) -> list:
         if chosen not in ("cpu", find_target(target).backend):
             pytest.skip(f"--backend={chosen} compiles only that vendor's targets")
-        if (op, impl, target) not in codegen_results and not request.config.getoption("--all-targets"):
+        registered = target in [t.name for t in targets_for(dispatch.get(op, impl))]
+        assert registered, f"{op}/{impl} is not registered for {target}"
+        if (op, impl, target) not in codegen_results:
             pytest.skip(f"the default run compiles the first target of each backend, not {target} "
                         f"(--all-targets compiles every target)")
-        result = codegen_results.get((op, impl, target))
-        assert result is not None, f"{op}/{impl} is not registered for {target}"
+        result = codegen_results[(op, impl, target)]
         assert result["ok"], result.get("error")
         return [Artifact.from_json(a) for a in result["artifacts"]]
     return artifacts
