@@ -10,8 +10,8 @@ import pytest
 
 from dsv4_kernels import codegen, dispatch, ladder
 from dsv4_kernels.backends import find_target
-from dsv4_kernels.codegen import (Artifact, amdgcn_resources, check_claims, reduced_precision_mma, targets_for,
-                                  widest_global_load)
+from dsv4_kernels.codegen import (Artifact, amdgcn_resources, check_claims, reduced_precision_mma, scaled_mma,
+                                  targets_for, widest_global_load)
 
 
 @pytest.mark.codegen
@@ -115,6 +115,17 @@ def test_claim_parsers_on_hand_listings():
     assert {k: c["ok"] for k, c in claims.items()} == {"no_local": False, "vector_loads": True,
                                                       "reduced_precision_mma": True}
     assert check_claims("hip-source", "__global__ void k() {}", {"note": "source only"}, {"no_local": True}) == {}
+    # ptxas puts register spills in the stack frame: LOCAL 0 with STACK 88 is a spill
+    spilled = check_claims("ptx", PTX, {"reg": 255, "stack": 88, "local": 0}, {"no_local": True})
+    assert not spilled["no_local"]["ok"] and "stack frame 88 B" in spilled["no_local"]["evidence"]
+    pair = check_claims("ptx", PTX, {"reg": 128, "stack": 8, "local": 0}, {"no_local": True})["no_local"]
+    assert pair["ok"] and "stack frame 8 B" in pair["evidence"]
+    assert scaled_mma("ptx", "tcgen05.mma.cta_group::1.kind::mxf8f6f4.block_scale.block32 [%r1], ...;\n"
+                             "tcgen05.mma.cta_group::1.kind::f16 [%r2];") == [
+        "tcgen05.mma.cta_group::1.kind::mxf8f6f4.block_scale.block32"]
+    assert scaled_mma("amdgcn", "v_mfma_scale_f32_16x16x128_f8f6f4 a[0:3]\nv_mfma_f32_16x16x32_bf16") == [
+        "v_mfma_scale_f32_16x16x128_f8f6f4"]
+    assert not check_claims("amdgcn", "v_mfma_f32_16x16x32_bf16", {}, {"scaled_mma": True})["scaled_mma"]["ok"]
 
 
 _DOT_KERNEL = """

@@ -127,6 +127,71 @@ def test_grouped_gemm_many_tiles(fmt, block):
                                             b_scale, torch.where(gather < 0, -1, m), block)
     ops.compare_gemm(cg, ref_rows)
     assert (cg[7] == 0).all()
+    # x quantised in the prologue (the MoE's decode gate/up GEMM): the same bytes and scales, so bit for bit
+    xb = x.to(torch.bfloat16)
+    xb[5, 40] = float("nan")
+    a, a_scale = quantize_fp8_blockwise(xb, block, fmt)
+    for rows in (None, gather):
+        want = tk.grouped_gemm(a.view(torch.uint8), a_scale, b, b_scale, m, block, fmt == "e4m3fnuz", gather=rows,
+                               tiles=SMALL_TILES)
+        got = tk.grouped_gemm(xb, xb, b, b_scale, m, block, fmt == "e4m3fnuz", gather=rows, tiles=SMALL_TILES,
+                              quant_a=True)
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+
+
+@pytest.mark.parametrize("block", [32, 128])
+def test_grouped_gemm_scaled_path(block):
+    """The MXFP4 scaled-dot path (gfx950, sm_100a prefill tiles) through the interpreter's dot_scaled: the
+    runs, padding and N tail of test_grouped_gemm_many_tiles, weight scale bytes 0 (2^-127) and 255 (NaN),
+    and a row block whose activation scales are not all powers of two (one is 1.75 x 2^e, one is 0): an e8m0
+    byte cannot hold them, so that block's passes take the bf16 path and the values are still the
+    reference's; the other blocks run scaled. With own_scales (the MoE's quantiser made the scales) a NaN
+    block (NaN bytes, NaN scale) still gives NaN rows."""
+    gen = torch.Generator().manual_seed(block + 1)
+    K, N, G = 256, 80, 5
+    runs = [(3, 1), (-1, 2), (0, 2), (4, 13), (G, 1), (1, 5), (-1, 1), (3, 12)]
+    m = torch.tensor([g for g, n in runs for _ in range(n)], dtype=torch.int32)
+    M = m.shape[0]
+    x = torch.randn(M, K, generator=gen) * torch.exp(torch.randn(M, 1, generator=gen))
+    a, a_scale = quantize_fp8_blockwise(x.to(torch.bfloat16), block, "e4m3fn")
+    b, b_scale = ops.random_weights(G, N, K, "cpu")
+    b_scale[4, 3, 1] = 0
+    b_scale[1, 70, 0] = 255
+    pow2 = a_scale.clone()
+    a_scale[20, 1] *= 1.75         # row block 1 (rows 16..31): bf16 path
+    a_scale[17, 0] = 0.0           # another pass (group 4); read as e8m0 byte 0, 2^-127: too small to show
+    tiles = {**SMALL_TILES, "SCALED": True}
+    c = tk.grouped_gemm(a.view(torch.uint8), a_scale, b, b_scale, m, block, False, tiles=tiles)
+    want = reference.mxfp4_grouped_gemm(a, a_scale, b, b_scale, m, block)
+    ops.compare_gemm(c, want)
+    rows = slice(19, 24)           # group 1, the rows of the unusual scales: every value, not calc_diff
+    finite = want[rows].isfinite()
+    torch.testing.assert_close(c[rows][finite].float(), want[rows][finite].float(), rtol=2 ** -7,
+                               atol=1e-3 * want[rows][finite].float().abs().amax().item())
+    assert c[m == 1][:, 70].isnan().all() and torch.equal(c.isnan(), want.isnan())
+    assert (c[(m < 0) | (m >= G)] == 0).all()
+    a_nan = a.clone()
+    a_nan[30, :block] = float("nan")
+    s_nan = pow2.clone()
+    s_nan[30, 0] = float("nan")
+    cn = tk.grouped_gemm(a_nan.view(torch.uint8), s_nan, b, b_scale, m, block, False, tiles=tiles, own_scales=True)
+    wn = reference.mxfp4_grouped_gemm(a_nan, s_nan, b, b_scale, m, block)
+    assert cn[30].isnan().all() and torch.equal(cn.isnan(), wn.isnan())
+    ops.compare_gemm(cn, wn)
+    # x quantised in the prologue, on the scaled path: bit for bit the pre-quantised scaled GEMM
+    xb = x.to(torch.bfloat16)
+    xb[30, 3] = float("nan")
+    a, a_scale = quantize_fp8_blockwise(xb, block, "e4m3fn")
+    want = tk.grouped_gemm(a.view(torch.uint8), a_scale, b, b_scale, m, block, False, tiles=tiles, own_scales=True)
+    got = tk.grouped_gemm(xb, xb, b, b_scale, m, block, False, tiles=tiles, quant_a=True)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16)) and got[30].isnan().all()
+
+
+def test_scaled_path_serves_gfx950_and_sm100_prefill_tiles():
+    from dsv4_kernels.kernels.moe import scaled_path
+    assert scaled_path("gfx950", False, 16) and not scaled_path("gfx950", True, 64)
+    assert scaled_path("sm_100", False, 128) and not scaled_path("sm_100", False, 64)
+    assert not scaled_path("sm_90", False, 128) and not scaled_path("gfx942", False, 128)
 
 
 def _moe_args(T, dim, inter, E, k=6, block=128, scale=1.0, gen=None, experts=None):
@@ -183,6 +248,24 @@ def test_moe_expert_map_token_without_local_expert_and_zero_tokens():
     assert (y[2] == 0).all() and (y[[0, 1, 3]] != 0).any(dim=1).all()
     empty = dk.fp4_grouped_moe(x[:0], ids[:0], weights[:0], w13, w13_s, w2, w2_s, expert_map=emap, impl="triton")
     assert empty.shape == (0, 256) and empty.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_moe_quant_in_gemm_or_its_own_launch_and_the_scaled_path(scaled, monkeypatch):
+    """The decode form (x quantised in the gate/up GEMM's prologue) and the prefill form (its own launch)
+    give the same bits; with the scaled-dot path forced on (gfx950's and sm_100a prefill's) as well, and
+    both match the reference. A NaN in x makes its token's row NaN."""
+    if scaled:
+        tiles = tk._tiles
+        monkeypatch.setattr(tk, "_tiles", lambda *a: {**tiles(*a), "BLOCK_K": 128, "SCALED": True})
+    x, ids, w, w13, w13_s, w2, w2_s = args = _moe_args(5, 256, 128, 4, k=3, block=32)
+    x[3, 17] = float("nan")
+    want = dk.fp4_grouped_moe(*args, act_block_size=32, impl="reference")
+    fused = tk.fp4_grouped_moe(*args, act_block_size=32, quant_in_gemm=True)
+    apart = tk.fp4_grouped_moe(*args, act_block_size=32, quant_in_gemm=False)
+    assert torch.equal(fused.view(torch.int16), apart.view(torch.int16))
+    assert fused[3].isnan().all() and not fused[[0, 1, 2, 4]].isnan().any()
+    ops.compare_moe(fused, want)
 
 
 @settings(max_examples=3)

@@ -164,9 +164,11 @@ def moe_rules(topk_ids: torch.Tensor, w13: torch.Tensor,
 
 
 # Triton (kernels/moe/README.md): BLOCK_M rows per program (BLOCK_M_PREFILL once the GEMM has more than
-# PREFILL_ROWS rows), BLOCK_N output columns, BLOCK_K reduction step; the CPU interpreter uses larger tiles.
-TRITON_DEFAULTS = {"BLOCK_M": 16, "BLOCK_M_PREFILL": 64, "PREFILL_ROWS": 256, "BLOCK_N": 64, "BLOCK_K": 128,
-                   "num_warps": 4}
+# PREFILL_ROWS rows; BLOCK_M_SCALED with num_warps_scaled there on a chip whose MXFP4 scaled MMA needs 128-row
+# tiles, sm_100a: 4 warps spill with the bf16 fallback compiled beside it), BLOCK_N output columns, BLOCK_K
+# reduction step; the CPU interpreter uses larger tiles.
+TRITON_DEFAULTS = {"BLOCK_M": 16, "BLOCK_M_PREFILL": 64, "BLOCK_M_SCALED": 128, "num_warps_scaled": 8,
+                   "PREFILL_ROWS": 256, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 8}
 # TileLang (mxfp4_grouped_gemm only, kernels/moe/tilelang.py): BLOCK_M x BLOCK_N output tile per block,
 # BLOCK_K reduction step, threads per block, num_stages of the K loop's copy pipeline; the same values as
 # that file's DEFAULTS (a test keeps them equal), repeated so that registering the op does not import tilelang.

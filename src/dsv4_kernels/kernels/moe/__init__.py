@@ -5,17 +5,37 @@ toolchain: the `supports_*` guards the dispatcher asks before a launch. README.m
 
 Which path serves which chip: one portable path everywhere. FP4 weights and FP8 activations are
 decoded to bf16 in registers (exactly) and multiplied on the bf16 tensor cores with fp32 accumulation:
-sm_90a (Hopper has no FP4 tensor cores), sm_100a, gfx942 (e4m3fnuz activations) and gfx950. The native
-MXFP4 scaled-dot path of sm_100a and gfx950 is not built yet: those chips run the portable path.
+sm_90a (Hopper has no FP4 tensor cores), gfx942 (e4m3fnuz activations), and the decode tiles of sm_100a.
+The Triton GEMM also has the native MXFP4 scaled-dot path (`PATHS`, `scaled_path`): gfx950 at every
+tile, sm_100a at the 128-row prefill tile.
 """
 from __future__ import annotations
 
 import torch
 
-__all__ = ["PATHS", "supports_mxfp4_grouped_gemm", "supports_fp4_grouped_moe"]
+__all__ = ["PATHS", "scaled_path", "supports_mxfp4_grouped_gemm", "supports_fp4_grouped_moe"]
 
-# target -> the path that serves it (README.md)
-PATHS = {"sm_90a": "bf16-dequant", "sm_100a": "bf16-dequant", "gfx942": "bf16-dequant", "gfx950": "bf16-dequant"}
+# target -> the Triton grouped GEMM's paths there (README.md). bf16-dequant: both operands decoded to bf16
+# in registers (exact), bf16 MMA. mxfp4-scaled: tl.dot_scaled on the MXFP4 block-scaled MMA, operands as
+# stored (e4m3fn bytes with their scale's e8m0 exponent, packed e2m1 with its ue8m0 bytes).
+PATHS = {"sm_90a": "bf16-dequant (no FP4 tensor cores)",
+         "sm_100a": "mxfp4-scaled (tcgen05 kind::mxf8f6f4 block_scale) for 128-row tiles (prefill, e4m3fn); "
+                    "bf16-dequant for decode tiles, which the block-scaled MMA does not take",
+         "gfx942": "bf16-dequant (e4m3fnuz activations; no FP4 MFMA)",
+         "gfx950": "mxfp4-scaled (v_mfma_scale_f32_*_f8f6f4) for e4m3fn activations at every tile; "
+                   "bf16-dequant for e4m3fnuz"}
+# the archs whose block-scaled MMA the scaled path was compiled and checked for -> the smallest BLOCK_M
+# that lowers to it (sm_100: tcgen05 takes M = 128; smaller tiles would be upcast to bf16 by Triton)
+_SCALED_MIN_ROWS = {"sm_100": 128, "gfx950": 16}
+
+
+def scaled_path(arch: str, fnuz: bool, block_m: int) -> bool:
+    """Whether the Triton grouped GEMM takes the MXFP4 scaled-dot path on `arch` (platform arch, e.g.
+    "sm_100", "gfx950") for this activation encoding and row tile. A program whose activation scales
+    an e8m0 byte cannot hold (not a positive normal power of two) takes the bf16 path for that pass, so
+    either path gives the same values."""
+    rows = _SCALED_MIN_ROWS.get(arch)
+    return rows is not None and not fnuz and block_m >= rows
 _INT32 = 2 ** 31
 
 
