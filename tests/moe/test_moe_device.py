@@ -147,3 +147,36 @@ def test_grouped_gemm_expert_layouts_and_nan_on_device(impl, device, case, shape
     assert (c.cpu()[(m < 0) | (m >= 4)] == 0).all(), "padding rows must be 0"
     if case == "nan":
         assert c[3].isnan().all() and c[m == 0][:, 17].isnan().all() and not c[m == 1].isnan().any()
+
+
+@pytest.mark.op("mxfp4_grouped_gemm")
+@pytest.mark.parametrize("block", [32, 128])
+def test_scaled_path_agrees_with_the_bf16_path_on_device(device, block):
+    """On a chip with the MXFP4 scaled MMA (gfx950; sm_100a at 128-row tiles) the scaled path against the
+    bf16 path of the same Triton kernel, at V4-Pro's down GEMM over 600 rows of 7 experts: the same values
+    up to fp32 summation order (calc_diff), the same NaN positions (a weight scale byte 255), and a scale
+    byte 0 (2^-127) read as the bf16 path reads it."""
+    _device_only(device)
+    from dsv4_kernels import platform
+    from dsv4_kernels.kernels.moe import scaled_path
+    from dsv4_kernels.kernels.moe import triton as tk
+    arch = platform.device_info(device).arch.split(":")[0]
+    if not scaled_path(arch, False, 128):
+        pytest.skip(f"{arch} has no MXFP4 scaled MMA path (kernels/moe PATHS)")
+    dim, inter, _ = ops.MODELS["pro"]
+    gen = torch.Generator().manual_seed(block)
+    m = torch.repeat_interleave(torch.arange(7, dtype=torch.int32), torch.tensor([1, 0, 250, 3, 16, 200, 130]))
+    x = torch.randn(m.shape[0], inter, generator=gen).to(torch.bfloat16).to(device)
+    a, a_s = quantize_fp8_blockwise(x, block, "e4m3fn")
+    b, b_s = _weights(7, dim, inter, range(7), device)
+    b_s[2, 11, 3] = 255
+    b_s[4, 12, :] = 0
+    b_s[4, 12, 0] = 140
+    m = m.to(device)
+    tiles = {"BLOCK_M": 128, "num_warps": 8}
+    got = tk.grouped_gemm(a.view(torch.uint8), a_s, b, b_s, m, block, False, tiles={**tiles, "SCALED": True},
+                          own_scales=True)
+    want = tk.grouped_gemm(a.view(torch.uint8), a_s, b, b_s, m, block, False, tiles={**tiles, "SCALED": False})
+    assert torch.equal(got.isnan(), want.isnan()) and got[m == 2][:, 11].isnan().all()
+    ops.compare_gemm(got.nan_to_num(0), want.nan_to_num(0))
+    torch.testing.assert_close(got[m == 4][:, 12].float(), want[m == 4][:, 12].float(), rtol=2 ** -7, atol=0)
