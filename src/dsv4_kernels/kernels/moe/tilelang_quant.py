@@ -188,10 +188,12 @@ def _layout(K: int, block: int, channels: int):
     return ch, ch // block, -(-K // ch)      # channels per block, quantisation blocks per chunk, chunks
 
 
-def _quantise_chunk(xs, mag, qb, amax, sexp, Q, S, row, c, K: int, block: int, NB: int, fnuz: bool, cpu: bool):
+def _quantise_chunk(xs, mag, qb, amax, sexp, Q, S, row, c, K: int, block: int, NB: int, fnuz: bool, cpu: bool,
+                    live=None):
     """Shared tail of both kernels: the fragment xs [NB, block] (fp32 chunk c of output row `row`) ->
     bytes Q[row, (c NB + b) block + j] and scales S[row, c NB + b]; blocks past K / block (in the last
-    chunk of a K that is not a multiple of the chunk) are not stored. mag [NB, block] int32, amax and sexp
+    chunk of a K that is not a multiple of the chunk) are not stored. live (the gather's row check): the
+    scales are 0 where it is false. mag [NB, block] int32, amax and sexp
     [NB] int32 are scratch fragments (staging the steps through fragments keeps every expression small:
     TileLang lowers a nested select of a nested select very slowly)."""
     KB = K // block
@@ -214,7 +216,10 @@ def _quantise_chunk(xs, mag, qb, amax, sexp, Q, S, row, c, K: int, block: int, N
                 Q[row, (c * NB + b) * block + j] = qb[b, j]
         for b in par(NB):
             if even or c * NB + b < KB:
-                S[row, c * NB + b] = _scale(sexp[b], amax[b] >= _INF_BITS, cpu)
+                if live is None:
+                    S[row, c * NB + b] = _scale(sexp[b], amax[b] >= _INF_BITS, cpu)
+                else:   # a gathered padding row's scale is 0
+                    S[row, c * NB + b] = T.if_then_else(live, _scale(sexp[b], amax[b] >= _INF_BITS, cpu), T.float32(0))
     return body
 
 
@@ -253,14 +258,10 @@ def make_quant_kernel(K: int, block: int, fmt: str, in_dtype: str = BF16, gather
                                 xs[b, j] = _to_f32(X[src, (c * NB + b) * block + j], raw)
                             else:
                                 xs[b, j] = T.float32(0)
-                        _quantise_chunk(xs, mag, qb, amax, sexp, Q, S, r, c, K, block, NB, fnuz, cpu)()
-                    else:   # a padding row: zero bytes, scale 0; x is not read
+                    else:   # a padding row reads nothing: its zeros quantise to zero bytes, its scale is 0
                         for b, j in par(NB, block):
-                            if even or c * NB + b < KB:
-                                Q[r, (c * NB + b) * block + j] = T.uint8(0)
-                        for b in par(NB):
-                            if even or c * NB + b < KB:
-                                S[r, c * NB + b] = T.float32(0)
+                            xs[b, j] = T.float32(0)
+                    _quantise_chunk(xs, mag, qb, amax, sexp, Q, S, r, c, K, block, NB, fnuz, cpu, live)()
                 else:
                     for b, j in par(NB, block):
                         if even or c * NB + b < KB:
@@ -326,3 +327,117 @@ def make_swiglu_quant_kernel(I: int, block: int, fmt: str, clamp: bool, threads:
                 _quantise_chunk(xs, mag, qb, amax, sexp, Q, S, r, c, I, block, NB, fnuz, cpu)()
 
     return swiglu_quant_kernel
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(target: str, maker: str, *params):
+    """One compile per (target, kernel, compile-time parameters); target "c" builds the one-thread C-target
+    form of the same source (cpu=True) for CPU tensors."""
+    make = {"quant": make_quant_kernel, "swiglu": make_swiglu_quant_kernel}[maker]
+    cpu = target == "c"
+    func = make(*params, threads=1, cpu=True) if cpu else make(*params)
+    return tilelang.compile(func, target=target)
+
+
+def _target(t: torch.Tensor) -> str:
+    if t.device.type == "cpu":
+        return "c"
+    return "hip" if platform.backend_of(t) == "rocm" else "cuda"
+
+
+def _need(cond: bool, name: str, expected: str, got) -> None:
+    if not cond:
+        raise ValueError(f"{name}: expected {expected}, got {got}")
+
+
+def _check_fmt_block(block, fmt) -> None:
+    _need(fmt in FMT_MAX, "fmt", "'e4m3fn' or 'e4m3fnuz'", repr(fmt))
+    _need(isinstance(block, int) and block in BLOCKS, "block", "32 or 128", repr(block))
+
+
+def quantize_fp8(x: torch.Tensor, block: int, fmt: str, rows: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, K] bf16 or fp32, contiguous, K % block == 0 -> (q [R, K] float8 of fmt, scale [R, K / block]
+    fp32): quantize_fp8_blockwise(x, block, fmt) bit for bit (R = T), as triton_quant.quantize_fp8.
+    rows [R] int32 (optional): output row r quantises x[rows[r]]; rows[r] outside [0, T) (-1 padding)
+    gives zero bytes and scale 0 and reads nothing. One launch, no host sync."""
+    _check_fmt_block(block, fmt)
+    _need(x.dim() == 2 and x.dtype in IN_DTYPES and x.is_contiguous(), "x", "a contiguous 2-D bf16 or fp32 tensor",
+          f"{x.dim()}-D {x.dtype}{'' if x.is_contiguous() else ' non-contiguous'}")
+    n, K = x.shape
+    _need(K > 0 and K % block == 0, "x", f"K (x.shape[1]) a positive multiple of block {block}", K)
+    if rows is not None:
+        _need(rows.dim() == 1 and rows.dtype == torch.int32 and rows.is_contiguous(), "rows",
+              "a contiguous 1-D int32 tensor", f"{rows.dim()}-D {rows.dtype}")
+        _need(rows.device == x.device, "rows", f"on x's device {x.device}", rows.device)
+    R = n if rows is None else rows.shape[0]
+    q = torch.empty((R, K), dtype=torch.uint8, device=x.device)
+    s = torch.empty((R, K // block), dtype=torch.float32, device=x.device)
+    if R:
+        target = _target(x)
+        kernel = _compiled(target, "quant", K, block, fmt, IN_DTYPES[x.dtype], rows is not None)
+        xv = x.view(torch.int16) if target == "c" and x.dtype == torch.bfloat16 else x
+        if rows is None:
+            kernel(xv, q, s)
+        else:
+            kernel(xv, rows, q, s)
+    return q.view(FP8_DTYPE[fmt]), s
+
+
+def swiglu_quant(gu: torch.Tensor, m_indices: torch.Tensor, row_w: torch.Tensor, G: int, block: int, fmt: str,
+                 swiglu_limit: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """gu [M, 2I] bf16, m_indices [M] int32, row_w [M] fp32 -> (q [M, I] uint8 FP8 bytes of fmt, s
+    [M, I / block] fp32), as triton_quant.swiglu_quant: rows of padding (m outside [0, G)) are left
+    unwritten. One launch, no host sync."""
+    _check_fmt_block(block, fmt)
+    _need(gu.dim() == 2 and gu.dtype == torch.bfloat16 and gu.is_contiguous(), "gu", "a contiguous 2-D bf16 tensor",
+          f"{gu.dim()}-D {gu.dtype}{'' if gu.is_contiguous() else ' non-contiguous'}")
+    M, two_i = gu.shape
+    _need(two_i > 0 and two_i % (2 * block) == 0, "gu", f"2I (gu.shape[1]) a positive multiple of 2 * block {2 * block}",
+          two_i)
+    for name, t, dtype in (("m_indices", m_indices, torch.int32), ("row_w", row_w, torch.float32)):
+        _need(t.dim() == 1 and t.dtype == dtype and t.is_contiguous() and t.shape[0] == M, name,
+              f"a contiguous [{M}] {dtype} tensor", f"{tuple(t.shape)} {t.dtype}")
+        _need(t.device == gu.device, name, f"on gu's device {gu.device}", t.device)
+    inter = two_i // 2
+    q = torch.empty((M, inter), dtype=torch.uint8, device=gu.device)
+    s = torch.empty((M, inter // block), dtype=torch.float32, device=gu.device)
+    if M:
+        target = _target(gu)
+        kernel = _compiled(target, "swiglu", inter, block, fmt, swiglu_limit > 0)
+        kernel(gu.view(torch.int16) if target == "c" else gu, m_indices, row_w, int(G), float(swiglu_limit), q, s)
+    return q, s
+
+
+# One spec per target and kernel; together both models' sizes, both blocks, both encodings, the gather and
+# the plain x quantisation, the clamp compiled in and out. (label, K or I, block, gather / clamp); gfx942
+# compiles e4m3fnuz (its native encoding), the others e4m3fn. The default codegen run builds sm_90a and
+# gfx942, which between them hold the gather, the clamp on and off and both encodings.
+CODEGEN_QUANT = {
+    "sm_90a": ("x-flash-K4096-b128-gather", 4096, 128, True),
+    "sm_100a": ("x-pro-K7168-b32-gather", 7168, 32, True),
+    "gfx942": ("x-pro-K7168-b32-gather-fnuz", 7168, 32, True),
+    "gfx950": ("x-flash-K4096-b128", 4096, 128, False),
+}
+CODEGEN_SWIGLU = {
+    "sm_90a": ("h-flash-I2048-b32-clamp", 2048, 32, True),
+    "sm_100a": ("h-pro-I3072-b128-clamp", 3072, 128, True),
+    "gfx942": ("h-pro-I3072-b128-noclamp-fnuz", 3072, 128, False),
+    "gfx950": ("h-flash-I2048-b32-noclamp", 2048, 32, False),
+}
+
+
+def _fmt_of(target) -> str:
+    return "e4m3fnuz" if target.name == "gfx942" else "e4m3fn"
+
+
+def codegen_quantize_fp8(target) -> list:
+    from dsv4_kernels.codegen import TileLangKernel
+    label, K, block, gather = CODEGEN_QUANT[target.name]
+    return [TileLangKernel(make_quant_kernel(K, block, _fmt_of(target), BF16, gather), label=label)]
+
+
+def codegen_swiglu_quant(target) -> list:
+    from dsv4_kernels.codegen import TileLangKernel
+    label, inter, block, clamp = CODEGEN_SWIGLU[target.name]
+    return [TileLangKernel(make_swiglu_quant_kernel(inter, block, _fmt_of(target), clamp), label=label)]
