@@ -154,7 +154,7 @@ def _clamp_up(u, limit):
 
 def _silu_mul(g, u, w):
     """silu(g) * u * w in fp32 (rounded to bf16 by the caller, as the clamps are applied by it)."""
-    return g / (T.float32(1) + T.exp(-g)) * u * w
+    return g / (T.float32(1) + T.call_extern(F32, "expf", -g)) * u * w   # T.exp is the fast __expf on HIP
 
 
 def _check(K: int, block: int, fmt: str, name: str = "K"):
