@@ -40,7 +40,12 @@ written (the down GEMM does not read it) and reads nothing.
 K (I), block, the encoding, x's dtype and the gather are compile-time; the row counts T, R, M and G are
 symbolic: one compile per shape serves every token count, nothing is read back to the host (CUDA-graph
 capturable). exp and the fp32 division of silu are the only operations whose last bit is the math
-library's: the h quantisation matches the reference up to that rounding (as triton_quant's does).
+library's: the h quantisation matches the reference up to that rounding (as triton_quant's does). expf is
+called by name: TileLang's T.exp is the fast __expf on HIP.
+
+cpu=True builds the same prim_func for TileLang's C target (one thread, local arrays for the fragments,
+T.grid for T.Parallel, bf16 as its int16 bits, the NaN literal): the public functions run it on CPU
+tensors, which is how tests/moe/test_moe_tilelang_quant.py checks the numbers without a GPU.
 """
 
 import functools
