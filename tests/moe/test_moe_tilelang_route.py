@@ -17,7 +17,9 @@
   (the C target has no SIMT threads: chunk 1, every pass, guard, prefix sum, padding and scatter the
   same source) against triton_route.permute: random, one expert, none valid, expert_map with remote and
   unknown ids, E 256 / 384 with k 6 and E 1024 with k 16.
-- device tests (tests/moe/test_moe_device_tilelang_route.py) run the GPU forms at V4 shapes.
+- device tests (end of this file; skip on the CPU): the GPU forms against triton_route on the same device,
+  bit for bit, at V4 shapes (up to 16K slots, E 256 / 384 / 1024, expert_map with remote experts, all
+  tokens on one expert, invalid ids, zero tokens, dims 4096 / 7168 / 160) and replayed in a CUDA graph.
 """
 from __future__ import annotations
 
@@ -206,18 +208,27 @@ def _triton_combine_tree(k: int) -> str:
     """The expression of one output channel of triton_route.combine_kernel (sm_90a PTX), lanes j0..jK_PAD-1:
     the bf16 loads in element order (lane-major, 8 channel repetitions per thread), through the
     unpacking movs and cvt.f32.bf16, to the add.f32 that combines all lanes."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from dsv4_kernels.kernels._triton_util import compile_options, pointer_attrs
-    if not isinstance(triton_route.combine_kernel, triton.runtime.JITFunction):
-        pytest.skip("the Triton kernels were imported under the interpreter (no PTX in this process)")
-    gpu = GPUTarget("cuda", 90, 32)
-    sig = {"ys_ptr": "*bf16", "inv_ptr": "*i32", "y_ptr": "*bf16", "T": "i32", "D": "i32"}
+    import os
+    import subprocess
+    import sys
     kp = tr.combine_k_pad(k)
-    src = ASTSource(fn=triton_route.combine_kernel, signature=sig, attrs=pointer_attrs(triton_route.combine_kernel, sig, gpu),
-                    constexprs={"TOPK": k, "K_PAD": kp, "BLOCK_D": triton_route.COMBINE_BLOCK_D, "ROWS": 1})
-    ptx = triton.compile(src, target=gpu, options=compile_options(4, 3)).asm["ptx"]
+    script = f"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from dsv4_kernels.kernels._triton_util import compile_options, pointer_attrs
+from dsv4_kernels.kernels.moe.triton_route import COMBINE_BLOCK_D, combine_kernel as fn
+gpu = GPUTarget("cuda", 90, 32)
+sig = {{"ys_ptr": "*bf16", "inv_ptr": "*i32", "y_ptr": "*bf16", "T": "i32", "D": "i32"}}
+src = ASTSource(fn=fn, signature=sig, attrs=pointer_attrs(fn, sig, gpu),
+                constexprs={{"TOPK": {k}, "K_PAD": {kp}, "BLOCK_D": COMBINE_BLOCK_D, "ROWS": 1}})
+print(triton.compile(src, target=gpu, options=compile_options(4, 3)).asm["ptx"])
+"""
+    # the Triton kernels of this process may be the interpreter's: compile in a clean one, as codegen does
+    env = {name: v for name, v in os.environ.items() if name != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ptx = run.stdout
     loads = re.findall(r"ld\.global\.b16 \{ %(rs\d+) \}", ptx)
     reps = len(loads) // kp
     expr: dict = {r: (f"j{i // reps}" if i % reps == 0 else None) for i, r in enumerate(loads)}
@@ -453,3 +464,137 @@ def test_zero_tokens_launch_nothing():
         assert r[name].shape == want[name].shape and r[name].dtype == want[name].dtype
         assert torch.equal(r[name], want[name]), name
     assert tr.combine(torch.zeros(0, 4096, dtype=torch.bfloat16), torch.zeros(0, 6, dtype=torch.int32)).shape == (0, 4096)
+
+
+# --------------------------------------------------------------------------------------------- device
+
+def _device_only(device):
+    if device.type == "cpu":
+        pytest.skip("the GPU forms of the TileLang permutation and combine run on a device (--backend=cuda|rocm); "
+                    "on the CPU the C target runs combine as built and the permutation's one-thread form")
+
+
+def _host_slots(ids: torch.Tensor, E: int, emap=None) -> list[tuple[int, int, int]]:
+    """(local expert, token, slot) of every valid slot, by expert then slot (the stable order)."""
+    T_, k = ids.shape
+    flat = ids.reshape(-1).tolist()
+    table = emap.tolist() if emap is not None else None
+    out = []
+    for s, e in enumerate(flat):
+        if table is not None:
+            e = table[e] if 0 <= e < len(table) else -1
+        if 0 <= e < E:
+            out.append((e, s // k, s))
+    return sorted(out)
+
+
+def _route_case(case: str, gen):
+    """V4 routing at up to 16K slots: Flash E 256, Pro E 384 (k 6), Pro under expert parallelism (384 global
+    experts, 96 local, the rest remote: -1 in the map), all tokens on one expert, invalid ids."""
+    k, emap = 6, None
+    if case == "flash-decode":
+        E, T_ = 256, 16
+        ids = torch.randint(0, E, (T_, k), generator=gen)
+    elif case == "flash-prefill-16k":
+        E, T_ = 256, 2730
+        ids = torch.randint(0, E, (T_, k), generator=gen)
+    elif case == "pro-prefill":
+        E, T_ = 384, 1024
+        ids = torch.randint(-2, E + 3, (T_, k), generator=gen)
+    elif case == "pro-ep-16k":
+        E, T_ = 96, 2730
+        emap = torch.full((384,), -1, dtype=torch.int32)
+        emap[torch.randperm(384, generator=gen)[:E]] = torch.randperm(E, generator=gen).to(torch.int32)
+        ids = torch.randint(-1, 386, (T_, k), generator=gen)
+    elif case == "one-expert":
+        E, T_ = 384, 2000
+        ids = torch.full((T_, k), 17)
+    elif case == "E1024-k16":
+        E, k, T_ = 1024, 16, 1000
+        ids = torch.randint(-1, E, (T_, k), generator=gen)
+    else:
+        raise ValueError(case)
+    w = torch.softmax(torch.randn(T_, k, generator=gen), dim=-1)
+    return ids.to(torch.int32), w, E, emap
+
+
+ROUTE_CASES = ["flash-decode", "flash-prefill-16k", "pro-prefill", "pro-ep-16k", "one-expert", "E1024-k16"]
+
+
+@pytest.mark.parametrize("case", ROUTE_CASES)
+def test_permute_on_device_is_triton_and_the_host_model(device, case):
+    _device_only(device)
+    gen = torch.Generator().manual_seed(len(case))
+    ids, w, E, emap = _route_case(case, gen)
+    dev = [t.to(device) if t is not None else None for t in (ids, w, emap)]
+    got = tr.permute(dev[0], dev[1], E, dev[2])
+    want = triton_route.permute(dev[0], dev[1], E, dev[2])
+    for name in want:
+        g, t = got[name].cpu(), want[name].cpu()
+        assert g.dtype == t.dtype and g.shape == t.shape, name
+        assert torch.equal(g.view(torch.int32), t.view(torch.int32)), f"{name} differs from triton_route.permute"
+    slots = _host_slots(ids, E, emap)
+    n = len(slots)
+    assert got["offsets"][-1].item() == n
+    assert got["experts"][:n].cpu().tolist() == [e for e, _, _ in slots]
+    assert got["tokens"][:n].cpu().tolist() == [t for _, t, _ in slots]
+    assert (got["experts"][n:] == -1).all() and (got["tokens"][n:] == -1).all() and (got["weights"][n:] == 0).all()
+
+
+def test_permute_and_combine_zero_tokens_on_device(device):
+    _device_only(device)
+    ids = torch.zeros(0, 6, dtype=torch.int32, device=device)
+    r = tr.permute(ids, torch.zeros(0, 6, device=device), 256)
+    assert (r["counts"] == 0).all() and (r["offsets"] == 0).all() and r["inv"].shape == (0, 6)
+    assert tr.combine(torch.zeros(0, 7168, dtype=torch.bfloat16, device=device), ids).shape == (0, 7168)
+
+
+@pytest.mark.parametrize("dim", [4096, 7168, 160])
+@pytest.mark.parametrize("case", ["flash-prefill-16k", "pro-ep-16k", "one-expert", "E1024-k16"])
+def test_combine_on_device_is_triton(device, dim, case):
+    """combine through the real inverse map (invalid and remote slots: inv -1; a token with no local
+    expert: 0), rows with -0, NaN payloads and order-dependent values: bit for bit triton_route.combine
+    on the same device, and the fp32 tree model."""
+    _device_only(device)
+    gen = torch.Generator().manual_seed(dim + len(case))
+    ids, w, E, emap = _route_case(case, gen)
+    inv = triton_route.permute(ids.to(device), w.to(device), E, emap.to(device) if emap is not None else None)["inv"]
+    S = inv.numel()
+    ys = (torch.randn(S, dim, generator=gen) * torch.exp(3 * torch.randn(S, 1, generator=gen))).to(torch.bfloat16)
+    ys[0] = -0.0
+    ys.view(torch.int16)[1, :3] = torch.tensor([0x7F81, -0x7F, 0x7FA0], dtype=torch.int16)
+    for j, v in enumerate(ORDER_ROWS):
+        ys[2 + j] = v
+    ys = ys.to(device)
+    y = tr.combine(ys, inv)
+    want = triton_route.combine(ys, inv)
+    assert torch.equal(y.view(torch.int16), want.view(torch.int16)), "differs from triton_route.combine"
+    # the model on the CPU: NaN payloads there survive the adds (NVIDIA's adds give the canonical NaN)
+    model, got = _tree_model(ys.cpu(), inv.cpu()), y.cpu()
+    assert torch.equal(got.isnan(), model.isnan())
+    ok = ~model.isnan()
+    assert torch.equal(got[ok].view(torch.int16), model[ok].view(torch.int16)), "differs from the fp32 tree model"
+
+
+def test_permute_and_combine_replay_in_a_cuda_graph(device):
+    _device_only(device)
+    gen = torch.Generator().manual_seed(11)
+    ids, w, E, emap = _route_case("pro-ep-16k", gen)
+    ids, w, emap = ids[:8].to(device), w[:8].to(device), emap.to(device)
+    ys = torch.randn(48, 7168, generator=gen).to(torch.bfloat16).to(device)
+
+    def step():
+        r = tr.permute(ids, w, E, emap)
+        return r, tr.combine(ys, r["inv"])
+    step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        r, y = step()
+    for _ in range(2):
+        ids.copy_(torch.randint(-1, 386, ids.shape, generator=gen).to(torch.int32).to(device))
+        graph.replay()
+        want = triton_route.permute(ids, w, E, emap)
+        for name in want:
+            assert torch.equal(r[name].view(torch.int32), want[name].view(torch.int32)), name
+        assert torch.equal(y.view(torch.int16), triton_route.combine(ys, want["inv"]).view(torch.int16))
