@@ -130,7 +130,9 @@ def test_registration_matches_this_module():
     assert impl.codegen == f"dsv4_kernels.kernels.moe.tilelang:codegen_{OP}"
     assert impl.defaults == tl.DEFAULTS[OP] == ops.TILELANG_DEFAULTS[OP], "defaults differ between the files"
     assert set(impl.backends) == {"cuda", "rocm"} and impl.priority == 10
-    assert "tilelang" not in [i.name for i in dispatch.implementations("fp4_grouped_moe")]
+    moe = dispatch.get("fp4_grouped_moe", "tilelang")
+    assert moe.entry == "dsv4_kernels.kernels.moe.tilelang:fp4_grouped_moe" and moe.priority == 10
+    assert moe.codegen == "dsv4_kernels.kernels.moe.tilelang:codegen_fp4_grouped_moe" and moe.defaults == {}
 
 
 def _gemm(M=5, N=4096, K=4096, G=3, block=128, dtype=torch.float8_e4m3fn):
@@ -268,3 +270,49 @@ def test_decode_helpers_on_the_cpu_are_exact_for_every_code():
     assert torch.equal(bytes_, packed.to(torch.int32)), "byte order of a word"
     low_first = torch.stack([packed & 15, packed >> 4], dim=1).flatten().to(torch.int32)
     assert torch.equal(nibbles, low_first), "nibble order: k even is the low nibble of byte k / 2"
+
+
+def _moe(T=3, dim=256, inter=128, E=4, k=2, block=32):
+    gen = torch.Generator().manual_seed(T * 7 + dim)
+    x = torch.randn(T, dim, generator=gen).to(torch.bfloat16)
+    ids = torch.randint(0, E, (T, k), generator=gen, dtype=torch.int32)
+    w = torch.softmax(torch.randn(T, k, generator=gen), dim=-1)
+    (w13, w13_s), (w2, w2_s) = ops.random_weights(E, 2 * inter, dim, "cpu"), ops.random_weights(E, dim, inter, "cpu")
+    return x, ids, w, w13, w13_s, w2, w2_s
+
+
+@pytest.mark.parametrize("arch", ["sm_90", "sm_100", "gfx942", "gfx950"])
+def test_moe_supports_accepts_v4_sizes_and_refuses_the_rest(on_arch, arch):
+    on_arch(arch)
+    for model in ("flash", "pro"):
+        dim, inter, E = ops.MODELS[model]
+        x = torch.zeros(2, dim, dtype=torch.bfloat16)
+        def w(*shape):   # full V4 weight shapes without their bytes: the guard reads metadata only
+            return torch.empty(shape, dtype=torch.uint8, device="meta")
+        args = (x, torch.zeros(2, 6, dtype=torch.int32), torch.zeros(2, 6), w(E, 2 * inter, dim // 2),
+                w(E, 2 * inter, dim // 32), w(E, dim, inter // 2), w(E, dim, inter // 32))
+        assert tl.supports_fp4_grouped_moe(*args, 128) is None
+    reason = tl.supports_fp4_grouped_moe(*_moe(dim=160, inter=96), 32)
+    assert reason and "dim and I multiples of BLOCK_K 128" in reason and "dim = 160, I = 96" in reason, reason
+    on_arch("sm_80")
+    assert "got a device of arch sm_80" in tl.supports_fp4_grouped_moe(*_moe(), 32)
+
+
+def test_moe_composition_on_the_cpu(monkeypatch):
+    """The TileLang fp4_grouped_moe's wiring on the CPU: its x quantisation (straight into expert-sorted
+    order) and SwiGLU + requantisation run as TileLang C-target builds of their own source; the grouped
+    GEMM (no CPU build) is the Triton interpreter's, and permute / combine triton_route's (the TileLang ones'
+    contract is their bits, tests/moe/test_moe_tilelang_route.py). Against the reference, with a token whose
+    slot is dropped (-1), an expert with no token and the clamp active."""
+    from dsv4_kernels.kernels.moe import tilelang_route, triton, triton_route
+    monkeypatch.setattr(tl, "mxfp4_grouped_gemm", triton.mxfp4_grouped_gemm)
+    monkeypatch.setattr(tilelang_route, "permute", triton_route.permute)
+    monkeypatch.setattr(tilelang_route, "combine", triton_route.combine)
+    x, ids, w, w13, w13_s, w2, w2_s = args = _moe(T=5, E=4, k=3)
+    ids[1, 2] = -1
+    ids[ids == 3] = 2
+    x[4] *= 40
+    y = tl.fp4_grouped_moe(*args, act_block_size=32)
+    want = dispatch.get("fp4_grouped_moe", "reference")
+    ops.compare_moe(y, dispatch._resolve(want.entry)(*args, act_block_size=32))
+    assert tl.fp4_grouped_moe(x[:0], ids[:0], w[:0], w13, w13_s, w2, w2_s).shape == (0, 256)

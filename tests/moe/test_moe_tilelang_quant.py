@@ -1,6 +1,6 @@
 """The TileLang FP8 quantisation kernels of the MoE (kernels/moe/tilelang_quant.py: quantize_fp8 with its
-optional row gather, swiglu_quant). Not registered with the dispatcher (the composed TileLang MoE calls
-them), so their codegen is compiled here, not in tests/test_codegen.py.
+optional row gather, swiglu_quant), which the TileLang fp4_grouped_moe composes: their codegen is part of
+its job (tests/test_codegen.py compiles it once; `codegen_artifacts` hands the artifacts here).
 
 - CPU numerics: the kernels' own source built for TileLang's C target (cpu=True: the same prim_func with
   one thread, local arrays for the register fragments, T.grid for T.Parallel, bf16 passed as its bits),
@@ -17,11 +17,7 @@ them), so their codegen is compiled here, not in tests/test_codegen.py.
   guard, the clamps present or compiled out, the bf16 rounding, 16-byte loads and 8-byte stores on CUDA,
   no division in the x quantisation; cubins with no local memory on CUDA (HIP: source only).
 """
-import json
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -33,7 +29,6 @@ from dsv4_kernels.kernels.moe import tilelang_quant as tq  # noqa: E402
 from dsv4_kernels.reference.formats import quantize_fp8_blockwise  # noqa: E402
 
 TARGETS = ("sm_90a", "sm_100a", "gfx942", "gfx950")
-FIRST = ("sm_90a", "gfx942")     # the first target of each backend: the default run
 FMTS = ("e4m3fn", "e4m3fnuz")
 NAN_BYTE = {"e4m3fn": 0x7F, "e4m3fnuz": 0x80}
 
@@ -254,46 +249,15 @@ def test_kernel_builders_check_their_arguments(kwargs, needle):
 
 # ----------------------------------------------------------------------------------------------------- codegen
 
-_COMPILE = r"""
-import json, sys
-from dsv4_kernels import codegen
-from dsv4_kernels.backends import find_target
-from dsv4_kernels.kernels.moe import tilelang_quant as tq
-out = []
-for name in sys.argv[1:]:
-    t = find_target(name)
-    for op, fn in (("quantize_fp8", tq.codegen_quantize_fp8), ("swiglu_quant", tq.codegen_swiglu_quant)):
-        for spec in fn(t):
-            kind, text, bkind, binary, res = codegen._compile_tilelang(spec, t)
-            claims = codegen.check_claims(kind, text, res, codegen.expected_claims(spec))
-            out.append(codegen.Artifact(op, "tilelang", name, spec.label, kind, text, bkind, binary, res, 0.0,
-                                        claims).to_json())
-print("\n@@result@@" + json.dumps(out))
-"""
+_LABELS = {"quantize_fp8": tq.CODEGEN_QUANT, "swiglu_quant": tq.CODEGEN_SWIGLU}
 
 
-@pytest.fixture(scope="module")
-def quant_artifacts(request) -> dict:
-    """{(op, target): Artifact} for this run's targets, compiled in one clean subprocess (as
-    codegen.compile_many: TVM's HIP generator writes to stderr, and a crash must not take pytest down)."""
-    backend = request.config.getoption("--backend")
-    wanted = TARGETS if request.config.getoption("--all-targets") else FIRST
-    from dsv4_kernels.backends import find_target
-    names = [t for t in wanted if backend == "cpu" or find_target(t).backend == backend]
-    if not names:
-        return {}
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _COMPILE, *names], capture_output=True, text=True, env=env,
-                          timeout=1200)
-    assert proc.returncode == 0 and "@@result@@" in proc.stdout, proc.stderr[-4000:]
-    arts = [Artifact.from_json(a) for a in json.loads(proc.stdout.split("@@result@@", 1)[1])]
-    return {(a.op, a.target): a for a in arts}
-
-
-def _artifact(arts: dict, op: str, target: str, request) -> Artifact:
-    if (op, target) not in arts:
-        pytest.skip(f"{target} is compiled with --all-targets (or --backend names another vendor)")
-    return arts[(op, target)]
+def _artifact(codegen_artifacts, op: str, target: str) -> Artifact:
+    """The artifact of one kernel in the TileLang fp4_grouped_moe's codegen job (picked by its label)."""
+    label = _LABELS[op][target][0]
+    arts = [a for a in codegen_artifacts("fp4_grouped_moe", "tilelang", target) if a.label == label]
+    assert len(arts) == 1, f"{label} not in the fp4_grouped_moe/tilelang codegen job for {target}"
+    return arts[0]
 
 
 def _common(target: str, a: Artifact, fnuz: bool) -> None:
@@ -339,8 +303,8 @@ def _common(target: str, a: Artifact, fnuz: bool) -> None:
 
 @pytest.mark.codegen
 @pytest.mark.parametrize("target", TARGETS)
-def test_codegen_quantize_fp8(target, quant_artifacts, request):
-    a = _artifact(quant_artifacts, "quantize_fp8", target, request)
+def test_codegen_quantize_fp8(target, codegen_artifacts):
+    a = _artifact(codegen_artifacts, "quantize_fp8", target)
     label, K, block, gather = tq.CODEGEN_QUANT[target]
     assert a.label == label
     fnuz = target == "gfx942"
@@ -367,8 +331,8 @@ def test_codegen_quantize_fp8(target, quant_artifacts, request):
 
 @pytest.mark.codegen
 @pytest.mark.parametrize("target", TARGETS)
-def test_codegen_swiglu_quant(target, quant_artifacts, request):
-    a = _artifact(quant_artifacts, "swiglu_quant", target, request)
+def test_codegen_swiglu_quant(target, codegen_artifacts):
+    a = _artifact(codegen_artifacts, "swiglu_quant", target)
     label, inter, block, clamp = tq.CODEGEN_SWIGLU[target]
     assert a.label == label
     _common(target, a, target == "gfx942")

@@ -1,11 +1,9 @@
 """The TileLang permutation and combine (kernels/moe/tilelang_route.py) against triton_route.py.
 
-- codegen: the kernels are not registered with the dispatcher (the TileLang fp4_grouped_moe will compose
-  them), so `codegen_artifacts` (which compiles registered implementations) cannot serve them; the
-  `route_artifacts` fixture below compiles their specs (`codegen_route`) the way codegen does
-  (`codegen._compile_tilelang`: CUDA source plus a cubin with the machine's nvcc, HIP source) for the
-  same targets: sm_90a and gfx942 by default, all four with --all-targets, only one vendor's with
-  --backend. The sources are checked for what the module docstring claims: the barriers between the
+- codegen: their specs (`codegen_route`) are part of the TileLang fp4_grouped_moe's codegen job
+  (`route_artifacts` picks them from `codegen_artifacts`: CUDA source plus a cubin with the machine's
+  nvcc, HIP source; sm_90a and gfx942 by default, all four with --all-targets, only one vendor's with
+  --backend). The sources are checked for what the module docstring claims: the barriers between the
   passes, the id / map / local range guards, the running count, the prefix sum, the padding and the
   scatter (permute); the invalid-slot guard, the fp32 pairwise tree in Triton's order, the integer
   bf16 rounding and its NaN rule (combine); no local memory in a cubin.
@@ -38,33 +36,14 @@ TARGETS = ("sm_90a", "sm_100a", "gfx942", "gfx950")
 
 # ----------------------------------------------------------------------------------------------- codegen
 
-@pytest.fixture(scope="module")
-def route_artifacts(request):
-    """artifacts(target) -> [permute Artifact, combine Artifact], compiled once per target and module
-    (as codegen_artifacts does for registered implementations: the first target of each backend unless
-    --all-targets, only the --backend vendor's)."""
-    from dsv4_kernels import codegen
-    from dsv4_kernels.backends import find_target
-    chosen = request.config.getoption("--backend")
-    first = {"cuda": "sm_90a", "rocm": "gfx942"}
-    cache: dict = {}
-
+@pytest.fixture
+def route_artifacts(codegen_artifacts):
+    """artifacts(target) -> [permute Artifact, combine Artifact]: the route kernels' specs of the TileLang
+    fp4_grouped_moe codegen job (codegen_artifacts: the first target of each backend unless --all-targets,
+    only the --backend vendor's)."""
     def artifacts(name: str) -> list:
-        target = find_target(name)
-        if chosen not in ("cpu", target.backend):
-            pytest.skip(f"--backend={chosen} compiles only that vendor's targets")
-        if not request.config.getoption("--all-targets") and first[target.backend] != name:
-            pytest.skip(f"the default run compiles the first target of each backend, not {name} "
-                        f"(--all-targets compiles every target)")
-        if name not in cache:
-            out = []
-            for spec in tr.codegen_route(target):
-                kind, text, bkind, binary, res = codegen._compile_tilelang(spec, target)
-                claims = codegen.check_claims(kind, text, res, codegen.expected_claims(spec))
-                out.append(codegen.Artifact("moe_route", "tilelang", name, spec.label, kind, text, bkind, binary,
-                                            res, 0.0, claims))
-            cache[name] = out
-        return cache[name]
+        return [a for a in codegen_artifacts("fp4_grouped_moe", "tilelang", name)
+                if a.label.startswith(("permute-", "combine-"))]
     return artifacts
 
 

@@ -1,7 +1,7 @@
 """FP4 grouped MoE ops (SPEC 5, SPEC 7 "FP4 MoE"): `mxfp4_grouped_gemm` (FP8 activations times MXFP4
 expert weights, rows grouped by expert) and `fp4_grouped_moe` (the routed experts of one MoE layer:
 gate/up GEMM, clamped SwiGLU with the routing weight, down GEMM, routed sum). Implementations: the
-reference and Triton (kernels/moe/README.md), and TileLang for the grouped GEMM (kernels/moe/tilelang.py).
+reference, Triton and TileLang for both (kernels/moe/README.md, kernels/moe/tilelang.py).
 
 Bad values (issue 11). Default path: an id outside its range is invalid and masked on the device (that
 row or slot contributes nothing and reads nothing), never wrapped; NaN in, NaN out (a non-finite
@@ -174,7 +174,9 @@ TRITON_DEFAULTS = {"BLOCK_M": 16, "BLOCK_M_PREFILL": 64, "BLOCK_M_SCALED": 128, 
 # that file's DEFAULTS (a test keeps them equal), repeated so that registering the op does not import tilelang.
 TILELANG_DEFAULTS = {OP_GEMM: {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "threads": 128, "num_stages": 1}}
 dispatch.register_family_op(OP_GEMM, "moe", triton=TRITON_DEFAULTS, tilelang=TILELANG_DEFAULTS[OP_GEMM])
-dispatch.register_family_op(OP_MOE, "moe", triton=TRITON_DEFAULTS)
+# TileLang fp4_grouped_moe (kernels/moe/tilelang.py): its GEMMs take mxfp4_grouped_gemm's TileLang tiles, its
+# other kernels (tilelang_quant.py, tilelang_route.py) have fixed shapes: no defaults of its own.
+dispatch.register_family_op(OP_MOE, "moe", triton=TRITON_DEFAULTS, tilelang={})
 
 
 @_library.custom_op("dsv4::mxfp4_grouped_gemm", mutates_args=())

@@ -1,7 +1,8 @@
 """FP4 grouped MoE kernels (SPEC 5): triton.py (grouped GEMM and the op), triton_route.py (permutation,
-combine), triton_quant.py (FP8 quantisation, SwiGLU + requantisation), tilelang.py (the grouped GEMM
-alone, with its own guard on top of supports_mxfp4_grouped_gemm). This module holds what needs no
-toolchain: the `supports_*` guards the dispatcher asks before a launch. README.md has the design.
+combine), triton_quant.py (FP8 quantisation, SwiGLU + requantisation); tilelang.py (the grouped GEMM and
+the MoE composed of it, tilelang_quant.py and tilelang_route.py, with their own guards on top of these).
+This module holds what needs no toolchain: the `supports_*` guards the dispatcher asks before a launch.
+README.md has the design.
 
 Which path serves which chip: one portable path everywhere. FP4 weights and FP8 activations are
 decoded to bf16 in registers (exactly) and multiplied on the bf16 tensor cores with fp32 accumulation:

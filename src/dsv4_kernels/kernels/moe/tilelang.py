@@ -1,5 +1,6 @@
 """TileLang (GPU dialect) source of `mxfp4_grouped_gemm` (SPEC 5): FP8 activations times MXFP4 expert
-weights, rows grouped by expert, fp32 accumulation, bf16 result. One source for sm_90a, sm_100a, gfx942
+weights, rows grouped by expert, fp32 accumulation, bf16 result; and `fp4_grouped_moe` composed of it and
+the kernels of tilelang_quant.py and tilelang_route.py (end of this file). One source for sm_90a, sm_100a, gfx942
 and gfx950, the bf16-dequantisation path of triton.py (README.md "which path serves which chip": Hopper
 has no FP4 tensor cores; sm_100a and gfx950 run this portable path, their native MXFP4 MMA is not used).
 
@@ -244,3 +245,58 @@ def codegen_mxfp4_grouped_gemm(target) -> list:
     label, N, K, act_block = CODEGEN_SHAPES[target.name]
     cfg = dict(dispatch.get(OP, "tilelang").defaults)
     return [TileLangKernel(make_gemm_kernel(N, K, act_block, target.name == "gfx942", *_params(cfg)), label=label)]
+
+
+# ------------------------------------------------------------------------------------ fp4_grouped_moe
+# The routed experts from TileLang sources alone, six launches as triton.py's prefill form: permute
+# (tilelang_route.py) -> x quantised straight into expert-sorted order (tilelang_quant.py, the gather form:
+# sorted row r holds its token's quantised x row, so this GEMM needs no gather) -> gate/up grouped GEMM ->
+# clamp + SwiGLU + routing weight + FP8 requantisation -> down grouped GEMM -> combine. Every buffer is sized
+# by T, k, E, dim and I; nothing is read back to the host.
+
+def fp4_grouped_moe(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, act_block_size=128,
+                    swiglu_limit=10.0, expert_map=None, act_fmt=None):
+    from dsv4_kernels.kernels.moe import tilelang_quant as tq
+    from dsv4_kernels.kernels.moe import tilelang_route as tr
+    T, dim = x.shape
+    y = torch.empty((T, dim), dtype=torch.bfloat16, device=x.device)
+    if T == 0:
+        return y
+    fmt = act_fmt if act_fmt is not None else platform.device_info(x).fp8_encoding
+    E = w13.shape[0]
+    route = tr.permute(topk_ids, topk_weights, E, expert_map)
+    xq, xs = tq.quantize_fp8(x, act_block_size, fmt, rows=route["tokens"])
+    gu = mxfp4_grouped_gemm(xq, xs, w13, w13_scale, route["experts"], act_block_size)
+    hq, hs = tq.swiglu_quant(gu, route["experts"], route["weights"], E, act_block_size, fmt, swiglu_limit)
+    ys = mxfp4_grouped_gemm(hq.view(tq.FP8_DTYPE[fmt]), hs, w2, w2_scale, route["experts"], act_block_size)
+    return tr.combine(ys, route["inv"])
+
+
+def supports_fp4_grouped_moe(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, act_block_size=128,
+                             swiglu_limit=10.0, expert_map=None, act_fmt=None) -> str | None:
+    """kernels/moe's contract, plus what the TileLang kernels were built for: dim and I multiples of 128
+    (the grouped GEMM's BLOCK_K, and its BLOCK_N 64 for 2I and dim: every V4 size), T * k below the GEMM's
+    row limit, and a chip the grouped GEMM serves (SERVED_ARCHS)."""
+    reason = shared.supports_fp4_grouped_moe(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale,
+                                             act_block_size, swiglu_limit, expert_map, act_fmt)
+    if reason:
+        return reason
+    dim, inter = x.shape[1], w2.shape[2] * 2
+    cfg = dict(dispatch.get(OP, "tilelang").defaults) if x.device.type == "cpu" else _config(x)
+    if dim % cfg["BLOCK_K"] or inter % cfg["BLOCK_K"]:
+        return (f"built for dim and I multiples of BLOCK_K {cfg['BLOCK_K']} (every V4 size), got dim = {dim}, "
+                f"I = {inter}")
+    if topk_ids.numel() > MAX_ROWS - cfg["BLOCK_M"]:
+        return f"T * k = {topk_ids.numel()} rows exceed the int32 row count of the TileLang grouped GEMM"
+    arch = platform.device_info(x).arch.split(":")[0]
+    if arch not in SERVED_ARCHS:
+        return f"built and checked for {', '.join(SERVED_ARCHS.values())}, got a device of arch {arch}"
+    return None
+
+
+def codegen_fp4_grouped_moe(target) -> list:
+    """The MoE's own TileLang kernels (the grouped GEMM is mxfp4_grouped_gemm's job): the x quantisation
+    (gather form), SwiGLU + requantisation, permutation and combine, at the V4 shapes each file names."""
+    from dsv4_kernels.kernels.moe import tilelang_quant as tq
+    from dsv4_kernels.kernels.moe import tilelang_route as tr
+    return tq.codegen_quantize_fp8(target) + tq.codegen_swiglu_quant(target) + tr.codegen_route(target)

@@ -1,7 +1,7 @@
 """TileLang (GPU dialect) source of the FP4 MoE's token permutation by expert and its inverse combine
 (SPEC 5), the same functions, outputs and bits as triton_route.py, for sm_90a, sm_100a, gfx942 and gfx950.
 Every buffer is sized by the shapes alone (S = T * k rows, E experts): no host sync, no `.item()`,
-CUDA-graph capturable. Not registered with the dispatcher (the TileLang fp4_grouped_moe composes them).
+CUDA-graph capturable. The TileLang fp4_grouped_moe (tilelang.py) composes them.
 
 permute_kernel, one block of THREADS threads (grid 1): slot s = t * k + j has the local expert e(s) =
 topk_ids[s], or expert_map[topk_ids[s]] under expert parallelism; an id outside [0, E_global) (-1
