@@ -4,11 +4,11 @@ the MoE composed of it, tilelang_quant.py and tilelang_route.py, with their own 
 This module holds what needs no toolchain: the `supports_*` guards the dispatcher asks before a launch.
 README.md has the design.
 
-Which path serves which chip: one portable path everywhere. FP4 weights and FP8 activations are
-decoded to bf16 in registers (exactly) and multiplied on the bf16 tensor cores with fp32 accumulation:
-sm_90a (Hopper has no FP4 tensor cores), gfx942 (e4m3fnuz activations), and the decode tiles of sm_100a.
-The Triton GEMM also has the native MXFP4 scaled-dot path (`PATHS`, `scaled_path`): gfx950 at every
-tile, sm_100a at the 128-row prefill tile.
+Which path serves which chip (`PATHS`, `scaled_path`): the portable path decodes FP4 weights and FP8
+activations to bf16 in registers (exactly) and multiplies on the bf16 tensor cores with fp32
+accumulation: sm_90a (Hopper has no FP4 tensor cores), gfx942 (e4m3fnuz activations), the decode tiles
+of sm_100a, and every TileLang kernel. The Triton GEMM's native MXFP4 scaled-dot path serves gfx950 at
+every tile and sm_100a at the 128-row prefill tile.
 """
 from __future__ import annotations
 
@@ -37,6 +37,8 @@ def scaled_path(arch: str, fnuz: bool, block_m: int) -> bool:
     either path gives the same values."""
     rows = _SCALED_MIN_ROWS.get(arch)
     return rows is not None and not fnuz and block_m >= rows
+
+
 _INT32 = 2 ** 31
 
 
