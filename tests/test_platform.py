@@ -39,6 +39,7 @@ def test_rocm_gpu_is_detected_with_its_fp8_encoding(monkeypatch):
     try:
         info = platform.device_info("cuda:0")
         assert (info.backend, info.arch, info.fp8_encoding) == ("rocm", "gfx942", "e4m3fnuz")
+        assert platform.tilelang_target("cuda:0") == "hip"
     finally:
         platform._gpu_info.cache_clear()
 
@@ -48,6 +49,7 @@ def test_cuda_gpu_is_detected(monkeypatch):
     try:
         info = platform.device_info(torch.device("cuda"))
         assert (info.backend, info.arch, info.fp8_encoding) == ("cuda", "sm_90", "e4m3fn")
+        assert platform.tilelang_target(torch.device("cuda")) == "cuda"
     finally:
         platform._gpu_info.cache_clear()
 

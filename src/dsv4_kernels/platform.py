@@ -107,6 +107,11 @@ def backend_of(x: torch.Tensor | torch.device | str) -> str:
     return device_info(x).backend
 
 
+def tilelang_target(x: torch.Tensor | torch.device | str) -> str:
+    """The tilelang.compile target kind of the GPU a tensor or device is on: "hip" on ROCm, else "cuda"."""
+    return "hip" if backend_of(x) == "rocm" else "cuda"
+
+
 @functools.lru_cache(maxsize=None)
 def machine_device() -> DeviceInfo:
     """The first accelerator of this machine (CUDA or ROCm GPU, then Ascend NPU), else the CPU."""

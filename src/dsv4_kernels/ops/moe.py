@@ -169,7 +169,7 @@ def moe_rules(topk_ids: torch.Tensor, w13: torch.Tensor,
 # reduction step; the CPU interpreter uses larger tiles.
 TRITON_DEFAULTS = {"BLOCK_M": 16, "BLOCK_M_PREFILL": 64, "BLOCK_M_SCALED": 128, "num_warps_scaled": 8,
                    "PREFILL_ROWS": 256, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 8}
-# TileLang (mxfp4_grouped_gemm only, kernels/moe/tilelang.py): BLOCK_M x BLOCK_N output tile per block,
+# TileLang grouped GEMM (kernels/moe/tilelang.py): BLOCK_M x BLOCK_N output tile per block,
 # BLOCK_K reduction step, threads per block, num_stages of the K loop's copy pipeline; the same values as
 # that file's DEFAULTS (a test keeps them equal), repeated so that registering the op does not import tilelang.
 TILELANG_DEFAULTS = {OP_GEMM: {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "threads": 128, "num_stages": 1}}
@@ -297,7 +297,7 @@ def fp4_grouped_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch
             (gfx942, max 240; the block scale rule then divides by 240). None (default): the native encoding
             of x's device, e4m3fnuz on gfx942 and e4m3fn elsewhere (CUDA, gfx950, CPU). Either encoding
             runs on any device (the reference follows the parameter, kernels encode the bytes themselves).
-        impl: run this implementation ("reference") or raise; None lets the dispatcher choose.
+        impl: run this implementation ("reference", "triton", "tilelang") or raise; None lets the dispatcher choose.
     Returns:
         y: [T, dim] bf16. A token whose slots are all invalid gets 0 (even if its x holds NaN); T = 0
         gives a [0, dim] tensor. A NaN or infinity in x[t] gives NaN in its activation block's scale,

@@ -247,10 +247,6 @@ def _compiled(target: str, *params):
     return tilelang.compile(make_decode_kernel(*params), target=target)
 
 
-def _target(t: torch.Tensor) -> str:
-    return "hip" if platform.backend_of(t) == "rocm" else "cuda"
-
-
 def compressor_decode(kv_state, score_state, kv, score, ape, positions, ratio, slot_ids=None, norm_weight=None,
                       rope_cos=None, rope_sin=None, kv_cache=None, cache_block_size=64, cache_slots=None):
     batch, width = kv.shape
@@ -262,7 +258,7 @@ def compressor_decode(kv_state, score_state, kv, score, ape, positions, ratio, s
     if batch == 0:
         return entries, emitted
     cfg = dispatch.config(dispatch.get("compressor_decode", "tilelang"), platform.device_info(kv))
-    kernel = _compiled(_target(kv), ratio, d, fused, cache, slot_ids is not None, cfg["threads"], cfg["CHUNK"],
+    kernel = _compiled(platform.tilelang_target(kv), ratio, d, fused, cache, slot_ids is not None, cfg["threads"], cfg["CHUNK"],
                        cache_block_size if cache else 64)
     half_rows = (kv_state.shape[0], coff * coff * ratio, d)   # the state as [slots, half rows, d]
     args = [kv_state.view(half_rows), score_state.view(half_rows), kv, score, ape, positions,

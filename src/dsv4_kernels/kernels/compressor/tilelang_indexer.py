@@ -129,10 +129,6 @@ def _compiled(target: str, threads: int):
     return tilelang.compile(make_indexer_kernel(threads), target=target)
 
 
-def _target(t: torch.Tensor) -> str:
-    return "hip" if platform.backend_of(t) == "rocm" else "cuda"
-
-
 def indexer_cache_quantize(x):
     n = x.shape[0]
     packed = torch.empty((n, D // 2), dtype=torch.uint8, device=x.device)
@@ -140,7 +136,7 @@ def indexer_cache_quantize(x):
     if n == 0:
         return packed, scale
     cfg = dispatch.config(dispatch.get(OP, "tilelang"), platform.device_info(x))
-    _compiled(_target(x), cfg["threads"])(x, packed, scale)
+    _compiled(platform.tilelang_target(x), cfg["threads"])(x, packed, scale)
     return packed, scale
 
 

@@ -311,10 +311,6 @@ def _compiled(target: str, *params):
     return tilelang.compile(make_prefill_kernel(*params), target=target)
 
 
-def _target(t: torch.Tensor) -> str:
-    return "hip" if platform.backend_of(t) == "rocm" else "cuda"
-
-
 @functools.lru_cache(maxsize=None)
 def _dummies(device: torch.device, d: int, block_size: int) -> tuple:
     """Tensors of the right dtypes and static shapes for the arguments a form does not read."""
@@ -340,7 +336,7 @@ def _launch(op, kv, score, ape, ratio, cu_seqlens, kv_state, score_state, start_
         return entries, emitted
     cfg = dispatch.config(dispatch.get(op, "tilelang"), platform.device_info(kv))
     block = cache_block_size if cache else 64
-    kernel = _compiled(_target(kv), ratio, d, INPUT_DTYPES[kv.dtype], CU_DTYPES[cu_seqlens.dtype], fused, cache,
+    kernel = _compiled(platform.tilelang_target(kv), ratio, d, INPUT_DTYPES[kv.dtype], CU_DTYPES[cu_seqlens.dtype], fused, cache,
                        compact, start_positions is not None, slot_ids is not None, cfg["threads"], cfg["CHUNK"],
                        block)
     none_i64, none_w, none_table, none_cache = _dummies(kv.device, d, block)

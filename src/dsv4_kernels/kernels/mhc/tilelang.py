@@ -474,10 +474,6 @@ def _compiled(kind: str, target: str, *params):
     return tilelang.compile(_MAKERS[kind](*params), target=target)
 
 
-def _target(t: torch.Tensor) -> str:
-    return "hip" if platform.backend_of(t) == "rocm" else "cuda"
-
-
 def _config(op: str, t: torch.Tensor) -> dict:
     return dispatch.config(dispatch.get(op, "tilelang"), platform.device_info(t))
 
@@ -503,7 +499,7 @@ def mhc_sinkhorn(mixes, hc_scale, hc_base, hc_mult=4, iters=20, eps=1e-6):
     if n == 0:
         return pre, post, comb
     cfg = _config("mhc_sinkhorn", mixes)
-    kernel = _compiled("sinkhorn", _target(mixes), cfg["threads"])
+    kernel = _compiled("sinkhorn", platform.tilelang_target(mixes), cfg["threads"])
     kernel(mixes, hc_scale, hc_base, pre, post, comb, iters, float(eps))
     return pre, post, comb
 
@@ -514,7 +510,7 @@ def mhc_pre(x, hc_fn, hc_scale, hc_base, iters=20, eps=1e-6, norm_eps=1e-6):
     post, comb = _gates_out(n, x.device)
     if n == 0:
         return y, post, comb
-    cfg, target = _config("mhc_pre", x), _target(x)
+    cfg, target = _config("mhc_pre", x), platform.tilelang_target(x)
     xf = x.view(n, HC * dim)
     ws = _workspace(n, dim, MIX, cfg, x.device)
     _compiled("project", target, *_project_args(cfg, dim, MIX, False))(xf, hc_fn, ws)
@@ -528,7 +524,7 @@ def mhc_head(x, hc_fn, hc_scale, hc_base, eps=1e-6, norm_eps=1e-6):
     y = torch.empty((n, dim), dtype=torch.bfloat16, device=x.device)
     if n == 0:
         return y
-    cfg, target = _config("mhc_head", x), _target(x)
+    cfg, target = _config("mhc_head", x), platform.tilelang_target(x)
     xf = x.view(n, HC * dim)
     ws = _workspace(n, dim, HC, cfg, x.device)
     _compiled("project", target, *_project_args(cfg, dim, HC, False))(xf, hc_fn, ws)
@@ -542,7 +538,7 @@ def mhc_post(f, x, post, comb):
     if n == 0:
         return out
     cfg = _config("mhc_post", x)
-    _compiled("post", _target(x), dim, cfg["threads"])(f, x.view(n, HC * dim), post, comb, out.view(n, HC * dim))
+    _compiled("post", platform.tilelang_target(x), dim, cfg["threads"])(f, x.view(n, HC * dim), post, comb, out.view(n, HC * dim))
     return out
 
 
@@ -553,7 +549,7 @@ def mhc_post_pre(f, x, post, comb, hc_fn, hc_scale, hc_base, iters=20, eps=1e-6,
     post_new, comb_new = _gates_out(n, x.device)
     if n == 0:
         return x_new, y, post_new, comb_new
-    cfg, target = _config("mhc_post_pre", x), _target(x)
+    cfg, target = _config("mhc_post_pre", x), platform.tilelang_target(x)
     xn = x_new.view(n, HC * dim)
     ws = _workspace(n, dim, MIX, cfg, x.device)
     _compiled("project", target, *_project_args(cfg, dim, MIX, True))(

@@ -171,10 +171,6 @@ def _compiled(target: str, *params):
     return tilelang.compile(make_gemm_kernel(*params), target=target)
 
 
-def _target(t: torch.Tensor) -> str:
-    return "hip" if platform.backend_of(t) == "rocm" else "cuda"
-
-
 def _config(t: torch.Tensor) -> dict:
     return dispatch.config(dispatch.get(OP, "tilelang"), platform.device_info(t))
 
@@ -189,7 +185,7 @@ def mxfp4_grouped_gemm(a, a_scale, b, b_scale, m_indices, act_block_size=128):
     c = torch.empty((M, N), dtype=torch.bfloat16, device=a.device)
     if M == 0:
         return c
-    kernel = _compiled(_target(a), N, K, int(act_block_size), a.dtype == torch.float8_e4m3fnuz, *_params(_config(a)))
+    kernel = _compiled(platform.tilelang_target(a), N, K, int(act_block_size), a.dtype == torch.float8_e4m3fnuz, *_params(_config(a)))
     # the bytes as little-endian int32 words: 4 FP8 codes, 8 e2m1 codes, 4 scale bytes per word (K % 128 == 0)
     kernel(a.view(torch.uint8).view(torch.int32), a_scale, b.view(torch.int32), b_scale.view(torch.int32),
            m_indices, c)

@@ -347,7 +347,7 @@ def _compiled(target: str, maker: str, *params):
 def _target(t: torch.Tensor) -> str:
     if t.device.type == "cpu":
         return "c"
-    return "hip" if platform.backend_of(t) == "rocm" else "cuda"
+    return platform.tilelang_target(t)
 
 
 def _need(cond: bool, name: str, expected: str, got) -> None:

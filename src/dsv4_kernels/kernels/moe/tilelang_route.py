@@ -37,6 +37,8 @@ import torch
 import tilelang
 import tilelang.language as T
 
+from dsv4_kernels import platform
+
 I32, F32, U16, U32 = "int32", "float32", "uint16", "uint32"
 PERMUTE_THREADS = 256           # = PERMUTE_CHUNK: one slot per thread and chunk step
 PERMUTE_CHUNK = 256
@@ -44,16 +46,6 @@ COMBINE_BLOCK_D = 1024          # channels per combine block (8 per thread)
 COMBINE_THREADS = 128
 MAX_EXPERTS = 1024
 MAX_TOPK = 16
-
-
-def _local_expert(IDS, MAP, s, S, E: int, EG, has_map: bool):
-    """Slot s -> its local expert, or -1 (s past S, id or map entry out of range). Nothing is read through
-    an invalid id: the map read sits behind its range check and its index is clamped to 0 besides."""
-    e = T.if_then_else(s < S, IDS[s], -1)
-    if has_map:
-        known = T.And(e >= 0, e < EG)
-        e = T.if_then_else(known, MAP[T.if_then_else(known, e, 0)], -1)
-    return T.if_then_else(T.And(e >= 0, e < E), e, -1)
 
 
 def make_permute_kernel(E: int, K: int, has_map: bool, chunk: int = PERMUTE_CHUNK, threads: int = PERMUTE_THREADS):
@@ -95,6 +87,8 @@ def make_permute_kernel(E: int, K: int, has_map: bool, chunk: int = PERMUTE_CHUN
                     run[b * C + i] = 0
             T.sync_threads()
             for c in T.serial(T.ceildiv(S, C)):   # pass 1: rank within the expert, running counts
+                # the slot's local expert (again in pass 3), as statements: one nested select expression
+                # stalled TileLang's final simplify
                 e = T.if_then_else(c * C + i < S, IDS[c * C + i], -1)
                 if has_map:                       # a global id outside [0, E_global): nothing read
                     if e >= 0 and e < EG:
@@ -222,11 +216,6 @@ def _compiled(target: str, kind: str, *params):
     return tilelang.compile(make(*params), target=target)
 
 
-def _target(t: torch.Tensor) -> str:
-    from dsv4_kernels import platform
-    return "hip" if platform.backend_of(t) == "rocm" else "cuda"
-
-
 def permute(topk_ids: torch.Tensor, topk_weights: torch.Tensor, n_experts: int,
             expert_map: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """triton_route.permute's contract and bits: topk_ids [T, k] int32 (global ids under expert_map),
@@ -248,7 +237,7 @@ def permute(topk_ids: torch.Tensor, topk_weights: torch.Tensor, n_experts: int,
     else:
         rank = torch.empty(S, dtype=torch.int32, device=dev)
         ids = topk_ids.reshape(S)
-        kernel = _compiled(_target(topk_ids), "permute", n_experts, k, expert_map is not None)
+        kernel = _compiled(platform.tilelang_target(topk_ids), "permute", n_experts, k, expert_map is not None)
         kernel(ids, expert_map if expert_map is not None else ids, topk_weights.reshape(S), counts, offsets, rank,
                tokens, experts, weights, inv.view(S))
     return {"counts": counts, "offsets": offsets, "tokens": tokens, "experts": experts, "weights": weights,
@@ -263,7 +252,7 @@ def combine(y_sorted: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
     D = y_sorted.shape[1]
     y = torch.empty((T_, D), dtype=torch.bfloat16, device=y_sorted.device)
     if T_ and D:
-        kernel = _compiled(_target(y_sorted), "combine", D, combine_k_pad(k))
+        kernel = _compiled(platform.tilelang_target(y_sorted), "combine", D, combine_k_pad(k))
         kernel(y_sorted.view(torch.uint16), inv, y.view(torch.uint16))
     return y
 

@@ -291,7 +291,8 @@ def fp4_grouped_moe(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, act
     fnuz = fmt == "e4m3fnuz"
     E = w13.shape[0]
     if quant_in_gemm is None:
-        quant_in_gemm = topk_ids.numel() <= dispatch.get("fp4_grouped_moe", "triton").defaults["PREFILL_ROWS"]
+        rows = dispatch.config(dispatch.get("fp4_grouped_moe", "triton"), platform.device_info(x))["PREFILL_ROWS"]
+        quant_in_gemm = topk_ids.numel() <= rows   # a device's tuned table may move it
     route = permute(topk_ids, topk_weights, E, expert_map)
     if quant_in_gemm:
         gu = grouped_gemm(x, x, w13, w13_scale, route["experts"], act_block_size, fnuz, gather=route["tokens"],

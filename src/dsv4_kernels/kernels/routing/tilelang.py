@@ -246,10 +246,6 @@ def _compiled(kind: str, target: str, *params):
     return tilelang.compile(maker(*params), target=target)
 
 
-def _target(t: torch.Tensor) -> str:
-    return "hip" if platform.backend_of(t) == "rocm" else "cuda"
-
-
 def _config(op: str, t: torch.Tensor) -> dict:
     return dispatch.config(dispatch.get(op, "tilelang"), platform.device_info(t))
 
@@ -266,7 +262,7 @@ def score_topk(router_logits, bias, topk=6, routed_scaling_factor=1.0, num_fused
     if n == 0:
         return weights, ids
     cfg = _config("score_topk", router_logits)
-    kernel = _compiled("score", _target(router_logits), E, TL_DTYPES[router_logits.dtype], topk,
+    kernel = _compiled("score", platform.tilelang_target(router_logits), E, TL_DTYPES[router_logits.dtype], topk,
                        num_fused_shared_experts, bool(renormalize), bool(apply_routed_scaling_factor_on_output),
                        cfg["TOKENS"])
     kernel(router_logits, bias, weights, ids, float(routed_scaling_factor))
@@ -281,7 +277,7 @@ def hash_topk(router_logits, input_ids, tid2eid, num_fused_shared_experts=0, rou
     if n == 0:
         return weights, ids
     cfg = _config("hash_topk", router_logits)
-    kernel = _compiled("hash", _target(router_logits), E, TL_DTYPES[router_logits.dtype], ID_DTYPES[input_ids.dtype],
+    kernel = _compiled("hash", platform.tilelang_target(router_logits), E, TL_DTYPES[router_logits.dtype], ID_DTYPES[input_ids.dtype],
                        topk, num_fused_shared_experts, bool(apply_routed_scaling_factor_on_output), cfg["TOKENS"])
     kernel(router_logits, input_ids, tid2eid, weights, ids, float(routed_scaling_factor))
     return weights, ids

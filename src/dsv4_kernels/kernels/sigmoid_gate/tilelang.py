@@ -36,7 +36,7 @@ def sigmoid_gate(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     if x.numel() == 0:
         return out
     cfg = dispatch.config(dispatch.get("sigmoid_gate", "tilelang"), platform.device_info(x))
-    target = "hip" if platform.backend_of(x) == "rocm" else "cuda"
+    target = platform.tilelang_target(x)
     kernel = _compiled(TL_DTYPES[x.dtype], cfg["BLOCK"], cfg["threads"], target)
     kernel(x.view(-1), gate.view(-1), out.view(-1))
     return out
